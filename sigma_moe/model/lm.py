@@ -1,0 +1,164 @@
+"""SigmaMoEForCausalLM: embed → N × [RMSNorm → GQA attention → RMSNorm → MoE FFN] → norm → head.
+
+Reads top to bottom (nanoGPT style). Every layer is MoE (no dense layers, no shared expert), as
+in Sigma-MoE-Tiny. The forward returns per-token CE (no reduction) so the Rho-1 selection can
+pick tokens after the fact without a second forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from sigma_moe.model.attention import Attention, RMSNorm, rope_cache
+from sigma_moe.model.config import SigmaMoEConfig
+from sigma_moe.model.moe import MoEStats, SigmaMoELayer
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor | None  # [B, S, V]
+    loss_per_token: torch.Tensor | None  # [B, S] fp32 CE, 0 where labels == -100
+    aux_losses: dict[str, torch.Tensor] = field(
+        default_factory=dict
+    )  # lb_loss, z_loss (coeff applied)
+    moe_stats: list[MoEStats] = field(default_factory=list)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: SigmaMoEConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.attn = Attention(cfg)
+        self.moe_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.moe = SigmaMoELayer(cfg, layer_idx)
+
+    def forward(self, x_BSD, rope, attn_mask):
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), rope, attn_mask)
+        y_BSD, stats = self.moe(self.moe_norm(x_BSD))
+        return x_BSD + y_BSD, stats
+
+
+class SigmaMoEForCausalLM(nn.Module):
+    def __init__(self, config: SigmaMoEConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._init_weights()
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def _init_weights(self) -> None:
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                continue
+            if p.dim() == 2:
+                nn.init.normal_(p, 0.0, std)
+        # GPT-2 residual scaling: output projections shrink with depth so the residual stream's
+        # variance does not grow with the number of layers.
+        scaled = std / (2 * self.config.num_layers) ** 0.5
+        for blk in self.layers:
+            nn.init.normal_(blk.attn.o_proj.weight, 0.0, scaled)
+            nn.init.normal_(blk.moe.experts.w_down_EFD, 0.0, scaled)
+
+    # ------------------------------------------------------------------ routing schedule
+
+    def set_topk(self, topk_per_layer: list[int]) -> None:
+        if len(topk_per_layer) != len(self.layers):
+            raise ValueError(
+                f"set_topk: {len(topk_per_layer)} values for {len(self.layers)} layers"
+            )
+        for blk, k in zip(self.layers, topk_per_layer):
+            if not 1 <= k <= self.config.num_experts:
+                raise ValueError(f"set_topk: top-k {k} not in [1, {self.config.num_experts}]")
+            blk.moe.topk = int(k)
+
+    def current_topk(self) -> list[int]:
+        return [blk.moe.topk for blk in self.layers]
+
+    def set_dp_group(self, group) -> None:
+        """Data-parallel group over which the global-batch balance loss sums expert counts."""
+        for blk in self.layers:
+            blk.moe.dp_group = group
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        attn_mask_BSS: torch.Tensor | None = None,
+        return_logits: bool = True,
+    ) -> CausalLMOutput:
+        B, S = input_ids.shape
+        if S > self.config.max_seq_len:
+            raise ValueError(f"sequence length {S} exceeds max_seq_len {self.config.max_seq_len}")
+        x_BSD = self.embed(input_ids)
+        rope = rope_cache(S, self.config.head_dim, self.config.rope_theta, input_ids.device)
+        all_stats: list[MoEStats] = []
+        for blk in self.layers:
+            if self.config.activation_checkpointing and self.training:
+                x_BSD, stats = checkpoint(blk, x_BSD, rope, attn_mask_BSS, use_reentrant=False)
+            else:
+                x_BSD, stats = blk(x_BSD, rope, attn_mask_BSS)
+            all_stats.append(stats)
+        h_BSD = self.norm(x_BSD)
+        logits_BSV = self.lm_head(h_BSD)
+        loss_BS = None
+        if labels is not None:
+            # fp32 CE: bf16 logits over an 8k-150k vocab lose the small probabilities Rho-1's
+            # excess-loss ranking depends on.
+            loss_BS = F.cross_entropy(
+                logits_BSV.float().view(B * S, -1),
+                labels.reshape(-1),
+                ignore_index=-100,
+                reduction="none",
+            ).view(B, S)
+        aux = {
+            "lb_loss": self.config.lb_coeff * torch.stack([s.lb_loss for s in all_stats]).mean(),
+            "z_loss": self.config.z_loss_coeff * torch.stack([s.z_loss for s in all_stats]).mean(),
+        }
+        return CausalLMOutput(
+            logits=logits_BSV if (return_logits or labels is None) else None,
+            loss_per_token=loss_BS,
+            aux_losses=aux,
+            moe_stats=all_stats,
+        )
+
+    # ------------------------------------------------------------------ accounting
+
+    def num_params(self) -> int:
+        return self.config.num_params()
+
+    def estimate_mfu(self, tokens_per_s: float, seq_len: int, peak_flops: float) -> float:
+        """Model FLOPs utilisation against `peak_flops` (FLOP/s of the hardware)."""
+        return tokens_per_s * self.config.flops_per_token(seq_len, self.current_topk()) / peak_flops
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = 50,
+        eod: int | None = None,
+    ) -> torch.Tensor:
+        for _ in range(max_new_tokens):
+            ctx = input_ids[:, -self.config.max_seq_len :]
+            logits = self(ctx).logits[:, -1, :].float() / max(temperature, 1e-5)
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("inf")
+            nxt = torch.multinomial(F.softmax(logits, dim=-1), 1)
+            input_ids = torch.cat([input_ids, nxt], dim=1)
+            if eod is not None and bool((nxt == eod).all()):
+                break
+        return input_ids
