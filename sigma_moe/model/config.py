@@ -31,6 +31,7 @@ class SigmaMoEConfig:
     ep_size: int = 1
     activation_checkpointing: bool = False
     init_std: float = 0.02
+    init_seed: int = 1234  # seeds the per-expert generators (EP-invariant init)
 
     def __post_init__(self) -> None:
         if isinstance(self.router_topk, int):

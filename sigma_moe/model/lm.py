@@ -30,12 +30,12 @@ class CausalLMOutput:
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: SigmaMoEConfig, layer_idx: int):
+    def __init__(self, cfg: SigmaMoEConfig, layer_idx: int, ep_rank: int):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
         self.attn = Attention(cfg)
         self.moe_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
-        self.moe = SigmaMoELayer(cfg, layer_idx)
+        self.moe = SigmaMoELayer(cfg, layer_idx, ep_rank)
 
     def forward(self, x_BSD, rope, attn_mask):
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), rope, attn_mask)
@@ -44,11 +44,13 @@ class Block(nn.Module):
 
 
 class SigmaMoEForCausalLM(nn.Module):
-    def __init__(self, config: SigmaMoEConfig):
+    def __init__(self, config: SigmaMoEConfig, ep_rank: int = 0):
+        """`ep_rank`: this process's rank in its expert-parallel group; it holds experts
+        [ep_rank·E/ep_size, (ep_rank+1)·E/ep_size)."""
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(Block(config, i, ep_rank) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self._init_weights()
@@ -56,18 +58,17 @@ class SigmaMoEForCausalLM(nn.Module):
             self.lm_head.weight = self.embed.weight
 
     def _init_weights(self) -> None:
+        # Experts initialise themselves (per-expert generators, EP-invariant); the rest here.
         std = self.config.init_std
-        for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                continue
-            if p.dim() == 2:
-                nn.init.normal_(p, 0.0, std)
-        # GPT-2 residual scaling: output projections shrink with depth so the residual stream's
-        # variance does not grow with the number of layers.
-        scaled = std / (2 * self.config.num_layers) ** 0.5
         for blk in self.layers:
-            nn.init.normal_(blk.attn.o_proj.weight, 0.0, scaled)
-            nn.init.normal_(blk.moe.experts.w_down_EFD, 0.0, scaled)
+            for p in (*blk.attn.parameters(), blk.moe.router.weight):
+                if p.dim() == 2:
+                    nn.init.normal_(p, 0.0, std)
+            # GPT-2 residual scaling: output projections shrink with depth so the residual
+            # stream's variance does not grow with the number of layers.
+            nn.init.normal_(blk.attn.o_proj.weight, 0.0, std / (2 * self.config.num_layers) ** 0.5)
+        nn.init.normal_(self.embed.weight, 0.0, std)
+        nn.init.normal_(self.lm_head.weight, 0.0, std)
 
     # ------------------------------------------------------------------ routing schedule
 

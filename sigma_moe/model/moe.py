@@ -34,17 +34,30 @@ class MoEStats:
 
 
 class StackedExperts(nn.Module):
-    """All of this rank's experts in three stacked tensors (one grouped GEMM each)."""
+    """This rank's experts in three stacked tensors (one grouped GEMM each).
 
-    def __init__(self, num_local: int, d: int, f: int, init_std: float, ep_size: int):
+    Each expert is initialised from its own generator seeded by (seed, layer, global expert id),
+    so a model built with EP=2 holds exactly the slices of the EP=1 model built with the same seed.
+    """
+
+    def __init__(
+        self, cfg: SigmaMoEConfig, layer_idx: int, first: int, num_local: int, out_std: float
+    ):
         super().__init__()
-        self.w_gate_EDF = nn.Parameter(torch.empty(num_local, d, f).normal_(0, init_std))
-        self.w_up_EDF = nn.Parameter(torch.empty(num_local, d, f).normal_(0, init_std))
-        self.w_down_EFD = nn.Parameter(torch.empty(num_local, f, d).normal_(0, init_std))
+        d, f = cfg.hidden_size, cfg.moe_ffn_size
+        w_gate, w_up, w_down = [], [], []
+        for e in range(first, first + num_local):
+            g = torch.Generator().manual_seed(cfg.init_seed * 1_000_003 + layer_idx * 10_007 + e)
+            w_gate.append(torch.randn(d, f, generator=g) * cfg.init_std)
+            w_up.append(torch.randn(d, f, generator=g) * cfg.init_std)
+            w_down.append(torch.randn(f, d, generator=g) * out_std)
+        self.w_gate_EDF = nn.Parameter(torch.stack(w_gate))
+        self.w_up_EDF = nn.Parameter(torch.stack(w_up))
+        self.w_down_EFD = nn.Parameter(torch.stack(w_down))
         for p in self.parameters():
             # DeepSpeed's expert-parameter tags: reduce over the expert-data-parallel group only.
             p.allreduce = False
-            p.group_name = f"ep_size_{ep_size}"
+            p.group_name = f"ep_size_{cfg.ep_size}"
 
 
 class _ExpertsHolder(nn.Module):
@@ -66,7 +79,7 @@ class _DeepSpeedMoEHolder(nn.Module):
 
 
 class SigmaMoELayer(_DeepSpeedMoE):
-    def __init__(self, cfg: SigmaMoEConfig, layer_idx: int):
+    def __init__(self, cfg: SigmaMoEConfig, layer_idx: int, ep_rank: int = 0):
         nn.Module.__init__(self)  # DeepSpeed's own constructor builds its gate and expert copies
         self.layer_idx = layer_idx
         self.n_routed = cfg.num_experts
@@ -83,11 +96,10 @@ class SigmaMoELayer(_DeepSpeedMoE):
         # fp32 router over all experts (Sigma-MoE-Tiny report): the weight stays fp32 under bf16.
         self.router = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         nn.init.normal_(self.router.weight, 0, cfg.init_std)
-        self.deepspeed_moe = _DeepSpeedMoEHolder(
-            StackedExperts(
-                self.n_local, cfg.hidden_size, cfg.moe_ffn_size, cfg.init_std, cfg.ep_size
-            )
-        )
+        # GPT-2 residual scaling on the down projection (as o_proj in SigmaMoEForCausalLM).
+        out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
+        experts = StackedExperts(cfg, layer_idx, ep_rank * self.n_local, self.n_local, out_std)
+        self.deepspeed_moe = _DeepSpeedMoEHolder(experts)
         # Data-parallel group for the global-batch balance loss; None = this process alone.
         self.dp_group = None
         self.ep = None  # sigma_moe.parallel.expert_parallel.ExpertParallel when ep_size > 1
