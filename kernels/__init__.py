@@ -1,0 +1,31 @@
+"""sigma_moe_kernels: MoE kernels with a torch reference and torch / Triton backends.
+
+Contract (``import sigma_moe_kernels as K``)::
+
+    weights_TK, experts_TK, tokens_per_expert_E, prob_sum_E = K.topk_route(logits_TE, k)
+    x_sorted_ND, row_map = K.permute(x_TD, experts_TK)
+    y_sorted_ND = K.grouped_swiglu(x_sorted_ND, tokens_per_expert_E, w_gate_EDF, w_up_EDF,
+                                   w_down_EFD)
+    y_TD = K.unpermute(y_sorted_ND, row_map, weights_TK)
+
+Every op takes ``backend="auto" | "torch" | "triton" | "interpret"`` (see ``_backend``), has
+autograd, is a ``torch.library`` custom op (traceable by ``torch.compile``), and has a plain
+torch reference in ``K.reference``.  ``row_map`` is an int64 tensor of length N = T*k:
+``row_map[t*k + j]`` is the row of ``x_sorted_ND`` holding (token t, slot j).
+"""
+
+from . import reference
+from ._backend import BACKENDS, resolve_backend
+from .grouped_swiglu import grouped_swiglu
+from .permute import permute, unpermute
+from .topk_route import topk_route
+
+__all__ = [
+    "BACKENDS",
+    "grouped_swiglu",
+    "permute",
+    "reference",
+    "resolve_backend",
+    "topk_route",
+    "unpermute",
+]
