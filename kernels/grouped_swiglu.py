@@ -101,15 +101,160 @@ def _counts_list(counts_E: Tensor, N: int) -> list[int]:
 # ----------------------------------------------------------------------------------------------
 # torch backend (the fast CPU path)
 #
-# Measured on this 2-core EPYC (torch 2.13 CPU, 2 threads), T=4096 D=512 F=256 E=96 top-1,
-# fp32, fwd+bwd of the expert GEMMs only (dense SwiGLU FFN of F=256 ~ 45 ms for the same FLOPs):
-#   * autograd loop over experts (reference)            ~7x dense
-#   * torch._grouped_mm (CPU)                           ~7x dense
-#   * this: per-expert torch.mm(out=) into preallocated outputs, manual backward, SwiGLU
-#     elementwise over all rows at once, a = silu(hg)*hu recomputed in backward: see
-#     docs/benchmarks/2026-11-23-cpu.md for the figure of the whole layer.
+# Why this design (measured on this 2-core EPYC VM, torch 2.13 CPU, 2 threads, T=4096 D=512
+# F=256 E=96 top-1 fp32, random routing: max expert load 63 rows, mean 43; numbers are minima of
+# repeated runs; full tables in docs/benchmarks/2026-11-23-cpu.md):
+#   * one torch.mm per expert (the obvious loop, "_loop" functions below; 9 GEMM calls per
+#     expert per step = 864 calls) costs ~4x the dense GEMM of the same FLOPs for the forward
+#     projections alone (97 ms vs 24 ms): each small call pays an OpenMP fork/join plus packing of
+#     a 512 KB weight panel for only ~43 rows, and the fork/joins are what suffers most when the
+#     two cores are shared.
+#   * one torch.bmm over [E, C, D] buffers padded to the largest expert runs at ~dense per-row
+#     speed (38 ms for 96*63 padded rows vs 24 ms dense for 4096) but wastes the padding
+#     (x1.48 rows here, and up to x E when one expert takes every token).
+#   * kept: "ranged bmm".  Experts are split into contiguous index ranges [e0, e1) (so the
+#     weights of a range are a view, never copied); each range is padded only to its own largest
+#     expert and run as one bmm per GEMM.  The split minimises
+#         sum over ranges (ALPHA + (e1 - e0) * max count in range)
+#     (ALPHA = the cost of one extra call, in rows) by an O(E^2) dynamic programme done in numpy
+#     on the host counts (the single host sync). Everything stays in the padded layout between
+#     the GEMMs (padded rows are zero, so they contribute nothing to the weight gradients); x and
+#     dy are scattered into it once and y / dx gathered out once.
 # ----------------------------------------------------------------------------------------------
+_ALPHA_ROWS = 48  # one more bmm range ~ 48 padded rows of work (see the benchmark docs)
+
+
+def _plan(counts: list[int], alpha: int = _ALPHA_ROWS):
+    """Split experts into contiguous ranges; returns [(e0, e1, cap, row0_in_padded)], P."""
+    import numpy as np
+
+    c = np.asarray(counts, dtype=np.int64)
+    E = len(counts)
+    best = np.zeros(E + 1, dtype=np.float64)
+    arg = np.zeros(E + 1, dtype=np.int64)
+    for j in range(1, E + 1):
+        # candidate ranges [i, j) for i = 0..j-1; cap(i) = max(c[i:j])
+        caps = np.maximum.accumulate(c[:j][::-1])[::-1]
+        cost = best[:j] + alpha + (j - np.arange(j)) * caps
+        cost = np.where(caps == 0, best[:j], cost)  # an all-empty range costs nothing
+        i = int(np.argmin(cost))
+        best[j], arg[j] = cost[i], i
+    ranges, j = [], E
+    while j > 0:
+        i = int(arg[j])
+        ranges.append((i, j, int(c[i:j].max())))
+        j = i
+    ranges.reverse()
+    out, p = [], 0
+    for e0, e1, cap in ranges:
+        out.append((e0, e1, cap, p))
+        p += (e1 - e0) * cap
+    return out, p
+
+
+def _pad_index(counts: list[int], plan, device) -> Tensor:
+    """dest_N[r] = row of sorted row r in the padded buffer."""
+    cap_e, base_e = [], []
+    for e0, e1, cap, p0 in plan:
+        for j in range(e1 - e0):
+            cap_e.append(cap)
+            base_e.append(p0 + j * cap)
+    counts_t = torch.tensor(counts, dtype=torch.int64)
+    offs = torch.cumsum(counts_t, 0) - counts_t
+    N = int(counts_t.sum())
+    expert_of_row = torch.repeat_interleave(torch.arange(len(counts)), counts_t, output_size=N)
+    dest = torch.tensor(base_e, dtype=torch.int64)[expert_of_row] + (
+        torch.arange(N) - offs[expert_of_row]
+    )
+    return dest.to(device)
+
+
+def _to_padded(t_ND: Tensor, dest_N: Tensor, P: int) -> Tensor:
+    out = t_ND.new_zeros(P, t_ND.shape[1])
+    out.index_copy_(0, dest_N, t_ND)
+    return out
+
+
 def _fwd_torch(x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD):
+    N, D = x_ND.shape
+    Fdim = wg_EDF.shape[2]
+    counts = _counts_list(counts_E, N)
+    plan, P = _plan(counts)
+    dest = _pad_index(counts, plan, x_ND.device)
+    xp = _to_padded(x_ND, dest, P)
+    hg = x_ND.new_empty(P, Fdim)
+    hu = x_ND.new_empty(P, Fdim)
+    yp = x_ND.new_empty(P, D)
+    for e0, e1, cap, p0 in plan:
+        if cap == 0:
+            continue
+        n = e1 - e0
+        sl = slice(p0, p0 + n * cap)
+        xr = xp[sl].view(n, cap, D)
+        torch.bmm(xr, wg_EDF[e0:e1], out=hg[sl].view(n, cap, Fdim))
+        torch.bmm(xr, wu_EDF[e0:e1], out=hu[sl].view(n, cap, Fdim))
+    a = F.silu(hg).mul_(hu)
+    for e0, e1, cap, p0 in plan:
+        if cap == 0:
+            continue
+        n = e1 - e0
+        sl = slice(p0, p0 + n * cap)
+        torch.bmm(a[sl].view(n, cap, Fdim), wd_EFD[e0:e1], out=yp[sl].view(n, cap, D))
+    return yp.index_select(0, dest), xp, hg, hu, dest
+
+
+def _bwd_torch(dy_ND, xp, counts_E, wg_EDF, wu_EDF, wd_EFD, hg, hu, dest):
+    N, D = dy_ND.shape
+    P, Fdim = hg.shape
+    counts = _counts_list(counts_E, N)
+    plan, P2 = _plan(counts)
+    assert P2 == P
+    dyp = _to_padded(dy_ND, dest, P)
+    dA = torch.empty_like(hg)
+    for e0, e1, cap, p0 in plan:
+        if cap == 0:
+            continue
+        n = e1 - e0
+        sl = slice(p0, p0 + n * cap)
+        torch.bmm(
+            dyp[sl].view(n, cap, D), wd_EFD[e0:e1].transpose(1, 2), out=dA[sl].view(n, cap, Fdim)
+        )
+    # SwiGLU backward over all rows at once (fp32 math for low-precision inputs)
+    hg32, hu32, dA32 = hg.float(), hu.float(), dA.float()
+    sg = torch.sigmoid(hg32)
+    silu = hg32 * sg
+    a = (silu * hu32).to(hg.dtype)
+    dhu = (dA32 * silu).to(hg.dtype)
+    # d silu/dh = sg * (1 + h * (1 - sg)); hg32/dA32 are temporaries when the input is bf16 and
+    # the saved tensors are not used after this, so in-place is safe either way.
+    dhg = (dA32.mul_(hu32).mul_(sg).mul_((hg32 * (1.0 - sg)).add_(1.0))).to(hg.dtype)
+    del hg32, hu32, dA32, sg, silu, dA
+    dwg = torch.empty_like(wg_EDF)
+    dwu = torch.empty_like(wu_EDF)
+    dwd = torch.empty_like(wd_EFD)
+    dxp = torch.empty(P, D, dtype=xp.dtype, device=xp.device)
+    for e0, e1, cap, p0 in plan:
+        n = e1 - e0
+        if cap == 0:
+            dwg[e0:e1].zero_()
+            dwu[e0:e1].zero_()
+            dwd[e0:e1].zero_()
+            continue
+        sl = slice(p0, p0 + n * cap)
+        xr = xp[sl].view(n, cap, D)
+        dhg_r = dhg[sl].view(n, cap, Fdim)
+        dhu_r = dhu[sl].view(n, cap, Fdim)
+        torch.bmm(a[sl].view(n, cap, Fdim).transpose(1, 2), dyp[sl].view(n, cap, D), out=dwd[e0:e1])
+        torch.bmm(xr.transpose(1, 2), dhg_r, out=dwg[e0:e1])
+        torch.bmm(xr.transpose(1, 2), dhu_r, out=dwu[e0:e1])
+        dxr = dxp[sl].view(n, cap, D)
+        torch.bmm(dhg_r, wg_EDF[e0:e1].transpose(1, 2), out=dxr)
+        dxr.baddbmm_(dhu_r, wu_EDF[e0:e1].transpose(1, 2))
+    return dxp.index_select(0, dest), dwg, dwu, dwd
+
+
+# The per-expert loop, kept for the benchmark's "alternatives" table (see above for why it lost).
+def _fwd_torch_loop(x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD):
     N, D = x_ND.shape
     Fdim = wg_EDF.shape[2]
     counts = _counts_list(counts_E, N)
@@ -133,7 +278,7 @@ def _fwd_torch(x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD):
     return y_ND, hg_NF, hu_NF
 
 
-def _bwd_torch(dy_ND, x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD, hg_NF, hu_NF):
+def _bwd_torch_loop(dy_ND, x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD, hg_NF, hu_NF):
     N, D = x_ND.shape
     counts = _counts_list(counts_E, N)
     dy_ND = dy_ND.contiguous()
@@ -144,17 +289,12 @@ def _bwd_torch(dy_ND, x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD, hg_NF, hu_NF):
         if n:
             torch.mm(dy_ND[s : s + n], wd_EFD[e].t(), out=dA_NF[s : s + n])
             s += n
-    # SwiGLU backward over all rows at once (fp32 math for low-precision inputs)
-    hg = hg_NF.float()
-    hu = hu_NF.float()
-    dA = dA_NF.float()
+    hg, hu, dA = hg_NF.float(), hu_NF.float(), dA_NF.float()
     sg = torch.sigmoid(hg)
     silu = hg * sg
     a_NF = (silu * hu).to(x_ND.dtype)
     dhu_NF = (dA * silu).to(x_ND.dtype)
-    # d silu/dh = sg * (1 + h * (1 - sg))
-    dhg_NF = (dA.mul_(hu).mul_(sg).mul_(hg.mul_(1.0 - sg).add_(1.0))).to(x_ND.dtype)
-    del hg, hu, dA, sg, silu
+    dhg_NF = (dA * hu * sg * (1.0 + hg * (1.0 - sg))).to(x_ND.dtype)
     dwg = torch.empty_like(wg_EDF)
     dwu = torch.empty_like(wu_EDF)
     dwd = torch.empty_like(wd_EFD)
@@ -507,41 +647,65 @@ def _bwd_triton(dy_ND, x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD, hg_NF, hu_NF):
 @torch.library.custom_op("sigma_moe::grouped_swiglu_fwd", mutates_args=())
 def _gs_fwd_op(
     x_ND: Tensor, counts_E: Tensor, wg_EDF: Tensor, wu_EDF: Tensor, wd_EFD: Tensor, backend: str
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (y_ND, x_saved, h_gate, h_up, dest).
+
+    torch backend: x_saved / h_* are in the padded ranged layout (P rows) and dest_N maps sorted
+    rows to padded rows.  Triton backends: x_saved and dest are empty (x itself is saved; an op
+    output may not alias an input) and h_* have N rows.
+    """
     if backend == "torch":
         return _fwd_torch(x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD)
-    return _fwd_triton(x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD)
+    y, hg, hu = _fwd_triton(x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD)
+    empty = x_ND.new_empty(0)
+    return y, empty, hg, hu, counts_E.new_empty(0, dtype=torch.int64)
 
 
 @_gs_fwd_op.register_fake
 def _(x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD, backend):
     N, D = x_ND.shape
     Fdim = wg_EDF.shape[2]
-    return x_ND.new_empty(N, D), x_ND.new_empty(N, Fdim), x_ND.new_empty(N, Fdim)
+    if backend == "torch":
+        # padded row count is data dependent
+        P = torch.library.get_ctx().new_dynamic_size()
+        return (
+            x_ND.new_empty(N, D),
+            x_ND.new_empty(P, D),
+            x_ND.new_empty(P, Fdim),
+            x_ND.new_empty(P, Fdim),
+            x_ND.new_empty(N, dtype=torch.int64),
+        )
+    return (
+        x_ND.new_empty(N, D),
+        x_ND.new_empty(0),
+        x_ND.new_empty(N, Fdim),
+        x_ND.new_empty(N, Fdim),
+        x_ND.new_empty(0, dtype=torch.int64),
+    )
 
 
 @torch.library.custom_op("sigma_moe::grouped_swiglu_bwd", mutates_args=())
 def _gs_bwd_op(
     dy_ND: Tensor,
-    x_ND: Tensor,
+    x_saved: Tensor,
     counts_E: Tensor,
     wg_EDF: Tensor,
     wu_EDF: Tensor,
     wd_EFD: Tensor,
-    hg_NF: Tensor,
-    hu_NF: Tensor,
+    hg: Tensor,
+    hu: Tensor,
+    dest: Tensor,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    args = (dy_ND, x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD, hg_NF, hu_NF)
     if backend == "torch":
-        return _bwd_torch(*args)
-    return _bwd_triton(*args)
+        return _bwd_torch(dy_ND, x_saved, counts_E, wg_EDF, wu_EDF, wd_EFD, hg, hu, dest)
+    return _bwd_triton(dy_ND, x_saved, counts_E, wg_EDF, wu_EDF, wd_EFD, hg, hu)
 
 
 @_gs_bwd_op.register_fake
-def _(dy_ND, x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD, hg_NF, hu_NF, backend):
+def _(dy_ND, x_saved, counts_E, wg_EDF, wu_EDF, wd_EFD, hg, hu, dest, backend):
     return (
-        torch.empty_like(x_ND),
+        torch.empty_like(dy_ND),
         torch.empty_like(wg_EDF),
         torch.empty_like(wu_EDF),
         torch.empty_like(wd_EFD),
@@ -550,14 +714,17 @@ def _(dy_ND, x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD, hg_NF, hu_NF, backend):
 
 def _setup(ctx, inputs, output):
     x_ND, counts_E, wg, wu, wd, backend = inputs
-    _, hg, hu = output
-    ctx.save_for_backward(x_ND, counts_E, wg, wu, wd, hg, hu)
+    _, xp, hg, hu, dest = output
+    x_saved = xp if backend == "torch" else x_ND
+    ctx.save_for_backward(x_saved, counts_E, wg, wu, wd, hg, hu, dest)
     ctx.backend = backend
 
 
-def _backward(ctx, dy_ND, _ghg, _ghu):
-    x_ND, counts_E, wg, wu, wd, hg, hu = ctx.saved_tensors
-    dx, dwg, dwu, dwd = _gs_bwd_op(dy_ND, x_ND, counts_E, wg, wu, wd, hg, hu, ctx.backend)
+def _backward(ctx, dy_ND, *_unused):
+    x_saved, counts_E, wg, wu, wd, hg, hu, dest = ctx.saved_tensors
+    dx, dwg, dwu, dwd = _gs_bwd_op(
+        dy_ND.contiguous(), x_saved, counts_E, wg, wu, wd, hg, hu, dest, ctx.backend
+    )
     return dx, None, dwg, dwu, dwd, None
 
 
@@ -576,5 +743,5 @@ def grouped_swiglu(
     """Per-expert SwiGLU over expert-sorted rows; see the module docstring."""
     _check_args(x_sorted_ND, tokens_per_expert_E, w_gate_EDF, w_up_EDF, w_down_EFD)
     be = resolve_backend(backend, x_sorted_ND, w_gate_EDF, w_up_EDF, w_down_EFD)
-    y, _, _ = _gs_fwd_op(x_sorted_ND, tokens_per_expert_E, w_gate_EDF, w_up_EDF, w_down_EFD, be)
-    return y
+    outs = _gs_fwd_op(x_sorted_ND, tokens_per_expert_E, w_gate_EDF, w_up_EDF, w_down_EFD, be)
+    return outs[0]
