@@ -1,0 +1,5 @@
+import sys
+
+from sigma_moe.cli import main
+
+sys.exit(main())

@@ -1,0 +1,175 @@
+"""`sigma-moe` command line (also `python -m sigma_moe`). Each command's work lives in its
+package; this file only parses arguments and reports errors by name."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import sigma_moe
+
+
+def _train(args: argparse.Namespace) -> int:
+    from sigma_moe.config import load_config
+    from sigma_moe.train.loop import run_training
+
+    cfg = load_config(args.config, args.set)
+    out = Path(args.out or Path("runs") / Path(args.config).stem)
+    run_training(cfg, out, resume=args.resume)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from sigma_moe.demo import run_demo
+
+    run_demo(Path(args.out), steps=args.steps, rho1=not args.no_rho1)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from sigma_moe.train.evaluate import evaluate_checkpoint
+
+    evaluate_checkpoint(args.ckpt, json_path=args.json, set_overrides=args.set)
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from sigma_moe.train.evaluate import generate_text
+
+    print(generate_text(args.ckpt, args.prompt, args.max_new_tokens, args.temperature, args.seed))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from sigma_moe.train.callbacks import format_summary
+    from sigma_moe.train.plots import plot_run
+
+    run = Path(args.run_dir)
+    if not (run / "metrics.jsonl").is_file():
+        raise FileNotFoundError(f"{run / 'metrics.jsonl'} not found: is {run} a run directory?")
+    for p in plot_run(run):
+        print(f"wrote {p}")
+    if (run / "summary.json").is_file():
+        import json
+
+        print(format_summary(json.loads((run / "summary.json").read_text())))
+    return 0
+
+
+def _passthrough(module: str, func: str):
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        return importlib.import_module(module).__getattribute__(func)(args.rest) or 0
+
+    return run
+
+
+PASSTHROUGH = {
+    # command: (module, function taking argv, help)
+    "prepare-data": (
+        "sigma_moe.data.prepare",
+        "main",
+        "tokenise text into Megatron indexed datasets",
+    ),
+    "train-tokenizer": (
+        "sigma_moe.data.prepare",
+        "train_tokenizer_main",
+        "train a byte-level BPE tokenizer",
+    ),
+    "score": ("sigma_moe.rho1.scorer", "main", "Rho-1 scorer: prefill a reference-loss store"),
+    "convert-checkpoint": (
+        "sigma_moe.train.reshape",
+        "main",
+        "reshape a checkpoint to another EP size",
+    ),
+}
+BENCH = {
+    "kernels": "sigma_moe.bench.kernels",
+    "layer": "sigma_moe.bench.layer",
+    "train": "sigma_moe.bench.train",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sigma-moe", description=sigma_moe.__doc__)
+    p.add_argument("--version", action="version", version=f"sigma-moe {sigma_moe.__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train from a YAML recipe")
+    t.add_argument("config", help="YAML recipe, e.g. configs/demo-cpu.yaml")
+    t.add_argument("--out", help="run directory (default: runs/<config name>)")
+    t.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key; the value is parsed as YAML (lists work)",
+    )
+    t.add_argument("--resume", default="none", help="auto | PATH | none (default)")
+    t.set_defaults(func=_train)
+
+    d = sub.add_parser(
+        "demo", help="bundled corpus → tokenizer → reference → MoE with and without Rho-1"
+    )
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--steps", type=int, default=None, help="training steps of each MoE run")
+    d.add_argument("--no-rho1", action="store_true", help="only train the plain MoE")
+    d.set_defaults(func=_demo)
+
+    e = sub.add_parser("eval", help="per-domain validation loss of a checkpoint")
+    e.add_argument("ckpt", help="a run's checkpoints/ folder or one checkpoint folder")
+    e.add_argument("--json", help="write {val_loss: {domain: ..}, clean_val_loss: ..} here")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    e.set_defaults(func=_eval)
+
+    g = sub.add_parser("generate", help="sample text from a checkpoint")
+    g.add_argument("ckpt")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=_generate)
+
+    r = sub.add_parser("report", help="plots and summary of a run directory")
+    r.add_argument("run_dir")
+    r.set_defaults(func=_report)
+
+    for name, (mod, fn, help_) in PASSTHROUGH.items():
+        sp = sub.add_parser(name, help=help_, add_help=False)
+        sp.add_argument("rest", nargs=argparse.REMAINDER)
+        sp.set_defaults(func=_passthrough(mod, fn))
+
+    b = sub.add_parser("bench", help="benchmarks: kernels | layer | train", add_help=False)
+    b.add_argument("what", choices=sorted(BENCH), nargs="?")
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b.set_defaults(func=_bench)
+    return p
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    if args.what is None:
+        print("usage: sigma-moe bench {kernels,layer,train} [--json PATH] [--help]")
+        return 2
+    return importlib.import_module(BENCH[args.what]).main(args.rest) or 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        if os.environ.get("SIGMA_MOE_TRACEBACK"):
+            raise
+        print(f"sigma-moe {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,368 @@
+"""The training loop: thin on purpose. Logging, eval, checkpoints and the Rho-1 scorer are
+callbacks (`sigma_moe.train.callbacks`); this file only turns samples into optimizer steps.
+
+Loss normalisation: every micro-batch's summed token loss is divided by the number of trained-on
+tokens of the WHOLE global batch (known before the forward: loss masks and the Rho-1 selection
+count are fixed by the data), so 1, 2 or 4 processes and any micro-batch split give the same
+loss and gradient (Megatron's per-token loss; tests/train and tests/parallel check parity).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from sigma_moe.config import RunConfig, save_config
+from sigma_moe.train.engine import (
+    World,
+    build_model_config,
+    build_optimizer,
+    deepspeed_config,
+    gradient_accumulation_steps,
+    init_distributed,
+    lr_at,
+    measure_peak_flops,
+    topk_for_step,
+)
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose (NaN policy, scorer failure); a checkpoint was written."""
+
+
+@dataclass
+class TrainState:
+    """Everything the loop needs to continue a run exactly; checkpointed as client state."""
+
+    step: int = 0
+    consumed_samples: int = 0
+    tokens: int = 0
+    nan_skips: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _labels_from(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return batch["labels"].masked_fill(batch["loss_mask"] <= 0, -100)
+
+
+def _attn_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """Block-diagonal causal mask from per-token document ids (data.reset_at_eod); True = attend."""
+    doc = batch.get("doc_ids")
+    if doc is None:
+        return None
+    S = doc.shape[1]
+    causal = torch.ones(S, S, dtype=torch.bool, device=doc.device).tril()
+    return (doc[:, :, None] == doc[:, None, :]) & causal
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        out_dir: Path,
+        world: World,
+        engine,
+        model,
+        train_ds,
+        val_ds,
+        tokenizer,
+        callbacks: list,
+    ):
+        self.cfg, self.out_dir, self.world = cfg, out_dir, world
+        self.engine, self.model = engine, model
+        self.train_ds, self.val_ds, self.tokenizer = train_ds, val_ds, tokenizer
+        self.callbacks = callbacks
+        self.state = TrainState()
+        self.dp = world.world_size
+        self.accum = gradient_accumulation_steps(cfg, self.dp)
+        self.peak_flops = measure_peak_flops(world.device)
+        self.stop_requested: str | None = None
+        self.ref_losses = None  # set by the Rho-1 callback: fn(list of (domain, idx)) -> [B, S]
+        self.token_weights = None  # set by the Rho-1 callback: selection function
+        self.weight_sum = None  # set by the Rho-1 callback: n_valid -> Σ weights
+
+    # ------------------------------------------------------------------ data
+
+    def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        """This rank's micro-batches for `step`: micro j of the global batch goes to rank j % dp,
+        so the global batch's content does not depend on the number of processes."""
+        from sigma_moe.data.dataset import collate
+
+        G, mb = self.cfg.train.global_batch_size, self.cfg.train.micro_batch_size
+        base = step * G
+        out = []
+        for a in range(self.accum):
+            j = a * self.dp + self.world.rank
+            samples = [self.train_ds[base + j * mb + i] for i in range(mb)]
+            batch = collate(samples)
+            out.append(
+                {k: v.to(self.world.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            )
+        return out
+
+    def _global_weight_sum(self, batches) -> float:
+        """Σ of token weights over the whole global batch, before any forward (see module doc)."""
+        n_local = torch.tensor(
+            [float((b["loss_mask"] > 0).sum()) for b in batches], dtype=torch.float64
+        )
+        if self.dp > 1:
+            gathered = [torch.zeros_like(n_local) for _ in range(self.dp)]
+            dist.all_gather(gathered, n_local)
+            n_all = torch.stack(gathered)  # [dp, accum]
+        else:
+            n_all = n_local[None]
+        if self.weight_sum is None:
+            return float(n_all.sum())
+        return float(self.weight_sum(n_all))
+
+    # ------------------------------------------------------------------ step
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        topk = topk_for_step(self.model.config.router_topk, cfg.model.topk_schedule, step)
+        self.model.set_topk(topk)
+        lr = lr_at(cfg, step)
+        for g in self.engine.optimizer.param_groups:
+            g["lr"] = lr
+        batches = self.micro_batches(step)
+        if self.ref_losses is not None:
+            for b in batches:
+                b["ref_loss"] = self.ref_losses(b).to(self.world.device)
+        denom = max(self._global_weight_sum(batches), 1.0)
+        sums = torch.zeros(
+            6, dtype=torch.float64
+        )  # lm_sum, ce_all_sum, n_valid, aux, n_sel, nonfinite
+        counts_LE = None
+        sel_metrics: dict[str, float] = {}
+        dropped = 0
+        bad_step = False
+        for a, b in enumerate(batches):
+            out = self.engine(
+                b["input_ids"],
+                labels=_labels_from(b),
+                attn_mask_BSS=_attn_mask(b),
+                return_logits=False,
+            )
+            ce_BS = out.loss_per_token
+            valid_BS = b["loss_mask"] > 0
+            if self.token_weights is not None:
+                w_BS, sel_metrics = self.token_weights(ce_BS, b, valid_BS)
+            else:
+                w_BS = valid_BS.to(ce_BS.dtype)
+            lm_sum = (ce_BS * w_BS).sum()
+            aux = out.aux_losses["lb_loss"] + out.aux_losses["z_loss"]
+            # DeepSpeed divides by accum and averages over dp: undo both so Σ over the global
+            # batch / denom is what the optimiser sees.
+            loss = lm_sum * (self.accum * self.dp / denom) + aux.to(lm_sum.dtype)
+            finite = torch.isfinite(loss.detach()).to(torch.float32)
+            if self.dp > 1:  # every rank must agree, or their gradient reductions diverge
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            finite = bool(finite)
+            sums += torch.tensor(
+                [
+                    float(lm_sum.detach()),
+                    float((ce_BS.detach() * valid_BS).sum()),
+                    float(valid_BS.sum()),
+                    float(aux.detach()),
+                    float(w_BS.sum()),
+                    float(not finite),
+                ],
+                dtype=torch.float64,
+            )
+            c = torch.stack([s.tokens_per_expert_E for s in out.moe_stats]).double()
+            counts_LE = c if counts_LE is None else counts_LE + c
+            dropped += sum(s.dropped_tokens for s in out.moe_stats)
+            if not finite:
+                # Never backpropagate a NaN/Inf: zero gradients keep DeepSpeed's micro-step
+                # bookkeeping (and ZeRO's reduction hooks) consistent across ranks, and lr=0 on
+                # the boundary leaves the weights untouched (AdamW's moments decay one step).
+                bad_step = True
+                loss = sum(
+                    (p * 0).sum() for p in self.engine.module.parameters() if p.requires_grad
+                )
+            if bad_step and a == len(batches) - 1:
+                for g in self.engine.optimizer.param_groups:
+                    g["lr"] = 0.0
+            self.engine.backward(loss)
+            self.engine.step()
+            del out, loss
+        if self.dp > 1:
+            dist.all_reduce(sums)
+            dist.all_reduce(counts_LE)
+        self.state.step = step + 1
+        self.state.consumed_samples += cfg.train.global_batch_size
+        n_tokens = cfg.train.global_batch_size * cfg.data.seq_len
+        self.state.tokens += n_tokens
+        dt = time.perf_counter() - t0
+        tps = n_tokens / dt
+        grad_norm = self.engine.get_global_grad_norm()
+        m: dict[str, Any] = {
+            "step": step + 1,
+            "lm_loss": float(sums[0] / denom),
+            "lm_loss_all": float(sums[1] / max(float(sums[2]), 1.0)),
+            "aux_loss": float(sums[3] / (self.accum * self.dp)),
+            "lr": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "tokens": self.state.tokens,
+            "tokens_per_s": tps,
+            "step_time_s": dt,
+            "mfu": self.model.estimate_mfu(tps / self.dp, cfg.data.seq_len, self.peak_flops),
+            "selected_frac": float(sums[4] / max(float(sums[2]), 1.0)),
+            "dropped_tokens": dropped,
+            "nonfinite": bad_step,
+        }
+        m["loss"] = m["lm_loss"] + m["aux_loss"]
+        load = counts_LE / counts_LE.mean(dim=1, keepdim=True).clamp_min(1e-9)
+        for li, k in enumerate(topk):
+            m[f"expert_load_max/{li}"] = float(load[li].max())
+            m[f"topk/{li}"] = k
+        m.update(sel_metrics)
+        return m
+
+    # ------------------------------------------------------------------ eval
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Per-domain validation CE over each domain's held-out split, shared across ranks."""
+        from sigma_moe.data.dataset import collate
+
+        self.engine.eval()
+        mb = self.cfg.train.micro_batch_size
+        out: dict[str, float] = {}
+        for name, ds in self.val_ds.items():
+            n = len(ds)
+            tot = torch.zeros(2, dtype=torch.float64)
+            # Every rank runs the same number of forwards (EP all-to-alls must pair up).
+            per_rank = -(-n // self.dp)
+            idx = list(range(self.world.rank * per_rank, min(n, (self.world.rank + 1) * per_rank)))
+            for i in range(0, per_rank, mb):
+                chunk = idx[i : i + mb] or [0]
+                b = collate([ds[j] for j in chunk])
+                b = {k: v.to(self.world.device) for k, v in b.items() if torch.is_tensor(v)}
+                res = self.engine(
+                    b["input_ids"],
+                    labels=_labels_from(b),
+                    attn_mask_BSS=_attn_mask(b),
+                    return_logits=False,
+                )
+                real = float(bool(idx[i : i + mb]))
+                tot += real * torch.tensor(
+                    [float(res.loss_per_token.sum()), float((b["loss_mask"] > 0).sum())],
+                    dtype=torch.float64,
+                )
+            if self.dp > 1:
+                dist.all_reduce(tot)
+            out[f"val_loss/{name}"] = float(tot[0] / max(float(tot[1]), 1.0))
+        clean = [d.name for d in self.cfg.data.domains if d.clean and f"val_loss/{d.name}" in out]
+        if clean:
+            out["clean_val_loss"] = float(np.mean([out[f"val_loss/{c}"] for c in clean]))
+        out["val_loss"] = float(np.mean([v for k, v in out.items() if k.startswith("val_loss/")]))
+        self.engine.train()
+        return out
+
+    # ------------------------------------------------------------------ run
+
+    def _call(self, hook: str, *args) -> None:
+        for cb in self.callbacks:
+            fn = getattr(cb, hook, None)
+            if fn is not None:
+                fn(self, *args)
+
+    def fit(self) -> dict[str, Any]:
+        self._call("on_resume")
+        self._call("on_train_start")
+        last: dict[str, Any] = {}
+        try:
+            while self.state.step < self.cfg.train.max_steps and self.stop_requested is None:
+                last = self.train_step(self.state.step)
+                self._call("on_step_end", last)
+        finally:
+            self._call("on_train_end", last)
+        return last
+
+
+def _install_signal_handlers(trainer: Trainer) -> None:
+    def handler(signum, frame):
+        # Finish the current step, save, exit cleanly (checked between steps).
+        trainer.stop_requested = signal.Signals(signum).name
+
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, handler)
+
+
+def run_training(
+    cfg: RunConfig, out_dir: str | Path, resume: str = "none", extra_callbacks: list | None = None
+) -> dict[str, Any]:
+    """Train `cfg` into `out_dir` (config.yaml, metrics.jsonl, checkpoints/, wandb/, plots/).
+    `resume`: "none", "auto" (newest complete checkpoint in out_dir/checkpoints, if any) or a
+    checkpoint path. Returns the summary dict (also written to out_dir/summary.json)."""
+    import deepspeed
+
+    from sigma_moe.data.dataset import build_train_dataset, build_val_datasets
+    from sigma_moe.data.tokenizer import load_tokenizer
+    from sigma_moe.model import SigmaMoEForCausalLM
+    from sigma_moe.parallel.wiring import ep_rank_for, wire_expert_parallel
+    from sigma_moe.train.callbacks import default_callbacks
+
+    out_dir = Path(out_dir)
+    world = init_distributed()
+    if cfg.parallel.ep_size > world.world_size or world.world_size % cfg.parallel.ep_size:
+        raise ValueError(
+            f"config key 'parallel.ep_size': {cfg.parallel.ep_size} must divide the "
+            f"number of processes ({world.world_size})"
+        )
+    gradient_accumulation_steps(cfg, world.world_size)  # fail early on an indivisible batch
+    if world.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+    set_seed(cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    num_samples = cfg.train.max_steps * cfg.train.global_batch_size
+    train_ds = build_train_dataset(
+        cfg.data.domains,
+        cfg.data.seq_len,
+        num_samples,
+        cfg.train.seed,
+        tokenizer,
+        reset_at_eod=cfg.data.reset_at_eod,
+    )
+    val_ds = build_val_datasets(
+        cfg.data.domains,
+        cfg.data.seq_len,
+        tokenizer,
+        max_samples_per_domain=cfg.data.val_samples_per_domain,
+    )
+    mcfg = build_model_config(cfg, tokenizer.vocab_size)
+    model = SigmaMoEForCausalLM(mcfg, ep_rank=ep_rank_for(cfg.parallel.ep_size))
+    if cfg.train.compile:
+        model = torch.compile(model)  # the kernels are torch.library custom ops: traceable
+    optimizer = build_optimizer(model, cfg)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=deepspeed_config(cfg, world.world_size)
+    )
+    base_model = engine.module._orig_mod if hasattr(engine.module, "_orig_mod") else engine.module
+    wire_expert_parallel(base_model, cfg.parallel.ep_size)
+    callbacks = default_callbacks(cfg, out_dir, world, resume) + list(extra_callbacks or [])
+    trainer = Trainer(
+        cfg, out_dir, world, engine, base_model, train_ds, val_ds, tokenizer, callbacks
+    )
+    _install_signal_handlers(trainer)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    trainer.fit()
+    return trainer.state.extra.get("summary", {})
