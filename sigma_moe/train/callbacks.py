@@ -8,17 +8,12 @@ from __future__ import annotations
 import json
 import os
 import resource
-import shutil
 import statistics
 import sys
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.distributed as dist
-
-from sigma_moe.train import checkpoint as ckpt_io
+from sigma_moe.train.checkpoint import Checkpointer, NanGuard
 
 
 def _log(trainer, metrics: dict[str, Any]) -> None:
@@ -126,144 +121,6 @@ class Evaluator:
     def on_step_end(self, trainer, m):
         if _is_boundary(m["step"], trainer.cfg.train.eval_every, trainer.cfg.train.max_steps):
             self._eval(trainer)
-
-
-class Checkpointer:
-    """Save every `checkpoint.every` steps, at the end and on SIGTERM/SIGINT; resume at start.
-
-    A checkpoint counts as complete only once its meta.json exists and `latest` names it; both
-    are written last, by rank 0, after a barrier, so a run killed mid-save leaves the previous
-    checkpoint as the newest complete one."""
-
-    def __init__(self, cfg, out_dir: Path, world, resume: str):
-        self.cfg, self.root, self.world, self.resume = cfg, out_dir / "checkpoints", world, resume
-        self.last_saved = -1
-
-    def on_resume(self, trainer):
-        if self.resume in (None, "none"):
-            return
-        try:
-            ckpt = ckpt_io.resolve_checkpoint(self.root if self.resume == "auto" else self.resume)
-        except FileNotFoundError:
-            if self.resume == "auto":
-                if self.world.is_main:
-                    print(
-                        f"[resume] no complete checkpoint under {self.root}; starting fresh",
-                        file=sys.stderr,
-                    )
-                return
-            raise
-        self.load(trainer, ckpt)
-
-    def load(self, trainer, ckpt: Path) -> None:
-        meta = ckpt_io.read_meta(ckpt)
-        fp = trainer.tokenizer.fingerprint
-        if meta.get("tokenizer_fingerprint") not in (None, fp):
-            raise ValueError(
-                f"checkpoint {ckpt} was trained with tokenizer {meta['tokenizer_fingerprint']}, "
-                f"the config's data.tokenizer is {fp}"
-            )
-        old_gbs = meta.get("global_batch_size")
-        if old_gbs is not None and old_gbs != self.cfg.train.global_batch_size:
-            raise ValueError(
-                f"config key 'train.global_batch_size': the checkpoint {ckpt} was trained with "
-                f"{old_gbs}, the config says {self.cfg.train.global_batch_size}; resuming would "
-                "re-map the data order, so it is refused (start a new run from its weights instead)"
-            )
-        _, client = trainer.engine.load_checkpoint(
-            str(ckpt.parent),
-            tag=ckpt.name,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=False,
-        )
-        if client is None:
-            raise ValueError(f"checkpoint {ckpt} could not be loaded by DeepSpeed")
-        st = client["train_state"]
-        trainer.state.step, trainer.state.consumed_samples = st["step"], st["consumed_samples"]
-        trainer.state.tokens, trainer.state.nan_skips = st["tokens"], st["nan_skips"]
-        trainer.state.extra.update(st.get("extra", {}))
-        rng = ckpt / f"rng_rank{self.world.rank}.pt"
-        if rng.is_file():
-            ckpt_io.set_rng_state(torch.load(rng, weights_only=False))
-        self.last_saved = trainer.state.step
-        if self.world.is_main:
-            print(f"[resume] from {ckpt} (step {trainer.state.step})", file=sys.stderr)
-
-    def save(self, trainer) -> Path:
-        step = trainer.state.step
-        tag = ckpt_io.tag_for(step)
-        client = {"train_state": asdict(trainer.state)}
-        trainer.engine.save_checkpoint(
-            str(self.root), tag=tag, client_state=client, save_latest=False
-        )
-        path = self.root / tag
-        torch.save(ckpt_io.rng_state(), path / f"rng_rank{self.world.rank}.pt")
-        dist.barrier()
-        if self.world.is_main:
-            from sigma_moe.config import save_config
-
-            save_config(self.cfg, path / "config.yaml")
-            meta = ckpt_io.build_meta(
-                step,
-                trainer.state.consumed_samples,
-                trainer.tokenizer.fingerprint,
-                self.cfg.parallel.ep_size,
-                self.world.world_size,
-                {"global_batch_size": self.cfg.train.global_batch_size},
-            )
-            tmp = path / (ckpt_io.META + ".tmp")
-            tmp.write_text(json.dumps(meta, indent=1))
-            os.replace(tmp, path / ckpt_io.META)
-            tmp_latest = self.root / "latest.tmp"
-            tmp_latest.write_text(tag)
-            os.replace(tmp_latest, self.root / "latest")
-            self._prune()
-        dist.barrier()
-        self.last_saved = step
-        return path
-
-    def _prune(self) -> None:
-        done = sorted(p for p in self.root.glob("step_*") if (p / ckpt_io.META).is_file())
-        for p in done[: -self.cfg.checkpoint.keep_last]:
-            shutil.rmtree(p, ignore_errors=True)
-
-    def on_step_end(self, trainer, m):
-        step = m["step"]
-        if step % self.cfg.checkpoint.every == 0 or trainer.stop_requested is not None:
-            self.save(trainer)
-
-    def on_train_end(self, trainer, last):
-        if trainer.state.step > 0 and self.last_saved != trainer.state.step:
-            self.save(trainer)
-
-
-class NanGuard:
-    """`train.nan_policy`: skip (up to `nan_max_skips` non-finite steps, weights untouched) or
-    stop; stopping saves a checkpoint of the last good weights first."""
-
-    def __init__(self, cfg, checkpointer: Checkpointer):
-        self.cfg, self.ckpt = cfg, checkpointer
-
-    def on_step_end(self, trainer, m):
-        if not m["nonfinite"]:
-            return
-        trainer.state.nan_skips += 1
-        tr = self.cfg.train
-        if tr.nan_policy == "stop" or trainer.state.nan_skips > tr.nan_max_skips:
-            path = self.ckpt.save(trainer)
-            from sigma_moe.train.loop import TrainingStopped
-
-            raise TrainingStopped(
-                f"non-finite loss at step {m['step']} ({trainer.state.nan_skips} so far, "
-                f"train.nan_policy={tr.nan_policy}, train.nan_max_skips={tr.nan_max_skips}); "
-                f"the last good weights are saved in {path}"
-            )
-        if trainer.world.is_main:
-            print(
-                f"[nan] step {m['step']}: non-finite loss, update skipped "
-                f"({trainer.state.nan_skips}/{tr.nan_max_skips})",
-                file=sys.stderr,
-            )
 
 
 class Summary:
