@@ -45,15 +45,35 @@ def _token_dtype(vocab_size: int):
     return np.uint16 if vocab_size < 65536 else np.int32
 
 
-def _write_indexed(prefix: Path, docs_ids: list[np.ndarray], dtype) -> None:
-    """Write ``prefix.bin/.idx`` atomically (temporary names, then rename)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+_DTYPE_CODES = {np.dtype(np.uint16): 8, np.dtype(np.int32): 4}
 
+
+def _write_indexed(prefix: Path, docs_ids: list[np.ndarray], dtype) -> None:
+    """Write ``prefix.bin/.idx`` in megatron-core's ``IndexedDataset`` format (version 1, one
+    sequence per document), atomically: temporary names, then rename.
+
+    Written directly (same bytes as ``IndexedDatasetBuilder``) so preparing data does not pay
+    for importing megatron-core; the tests read the result back with megatron's reader.
+    """
+    dt = np.dtype(dtype)
     tmp = prefix.with_name(f".{prefix.name}.tmp{os.getpid()}")
-    builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=dtype)
-    for ids in docs_ids:
-        builder.add_document(ids, [len(ids)])
-    builder.finalize(f"{tmp}.idx")
+    lengths = np.array([len(a) for a in docs_ids], dtype=np.int32)
+    pointers = np.zeros(len(lengths), dtype=np.int64)
+    if len(lengths) > 1:
+        pointers[1:] = np.cumsum(lengths[:-1].astype(np.int64)) * dt.itemsize
+    doc_idx = np.arange(len(lengths) + 1, dtype=np.int64)
+    with open(f"{tmp}.bin", "wb") as f:
+        for a in docs_ids:
+            f.write(np.ascontiguousarray(a, dtype=dt).tobytes())
+    with open(f"{tmp}.idx", "wb") as f:
+        f.write(b"MMIDIDX\x00\x00")
+        f.write(struct.pack("<Q", 1))
+        f.write(struct.pack("<B", _DTYPE_CODES[dt]))
+        f.write(struct.pack("<Q", len(lengths)))
+        f.write(struct.pack("<Q", len(doc_idx)))
+        f.write(lengths.tobytes())
+        f.write(pointers.tobytes())
+        f.write(doc_idx.tobytes())
     os.replace(f"{tmp}.bin", f"{prefix}.bin")
     os.replace(f"{tmp}.idx", f"{prefix}.idx")
     shutil.rmtree(prefix / "cache", ignore_errors=True)  # stale megatron sample indices
