@@ -245,12 +245,6 @@ def build_train_dataset(
     ``weight`` and ``clean``. Deterministic for a given seed. ``cache_dir`` only affects where
     bundled data is built (default ``$SIGMA_MOE_CACHE`` / ``~/.cache/sigma-moe``).
     """
-    from megatron.core.datasets.blended_dataset import BlendedDataset
-    from megatron.core.datasets.blended_megatron_dataset_builder import (
-        BlendedMegatronDatasetBuilder,
-    )
-    from megatron.core.datasets.gpt_dataset import GPTDataset
-
     if int(seq_len) < 1:
         raise ValueError(f"data.seq_len must be >= 1, got {seq_len}")
     if int(num_samples) < 1:
@@ -260,6 +254,12 @@ def build_train_dataset(
     prefixes = [_resolve_prefix(d, cache_dir=cache_dir) for d in domains]
     for p in prefixes:
         check_prefix(p, tok)
+    from megatron.core.datasets.blended_dataset import BlendedDataset
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+
     raw_w = [float(getattr(d, "weight", 1.0)) for d in domains]
     weights = [w / sum(raw_w) for w in raw_w]
     single = len(domains) == 1
@@ -329,11 +329,6 @@ def build_val_datasets(
     ``missing="skip"`` leaves out domains without a ``-val`` prefix instead of raising
     FileNotFoundError (e.g. data prepared with ``--val-fraction 0``).
     """
-    from megatron.core.datasets.blended_megatron_dataset_builder import (
-        BlendedMegatronDatasetBuilder,
-    )
-    from megatron.core.datasets.gpt_dataset import GPTDataset
-
     if missing not in ("error", "skip"):
         raise ValueError(f"missing must be 'error' or 'skip', got {missing!r}")
     _check_domains(domains)
@@ -352,6 +347,11 @@ def build_val_datasets(
                 f"validation set {prefix!r} has {info['num_tokens']} tokens, fewer than one "
                 f"sequence of seq_len={seq_len}; prepare it with a larger --val-fraction"
             )
+        from megatron.core.datasets.blended_megatron_dataset_builder import (
+            BlendedMegatronDatasetBuilder,
+        )
+        from megatron.core.datasets.gpt_dataset import GPTDataset
+
         config = _gpt_config([prefix], None, seq_len, VAL_SEED, tok, reset_at_eod)
         builder = BlendedMegatronDatasetBuilder(GPTDataset, [None, 0, 0], lambda: True, config)
         ds = _build_with_locks([prefix], builder)[0]

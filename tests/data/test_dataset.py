@@ -232,3 +232,12 @@ def test_bad_domain_lists():
         build_train_dataset([DomainSpec("a", "bundled"), DomainSpec("a", "bundled")], SEQ, 10, 1)
     with pytest.raises(ValueError, match="weight"):
         build_train_dataset([DomainSpec("prose", "bundled", 0.0)], SEQ, 10, seed=1)
+
+
+def test_token_ids_out_of_vocab(tmp_path):
+    from sigma_moe.data.prepare import _write_indexed
+
+    docs = [np.arange(i * 100, i * 100 + 300, dtype=np.uint16) for i in range(100)]  # up to 10199
+    _write_indexed(tmp_path / "big", docs, np.uint16)
+    with pytest.raises(ValueError, match=r"big.bin holds token ids.*8192"):
+        build_train_dataset([DomainSpec("big", str(tmp_path / "big"))], SEQ, 10, seed=1)
