@@ -347,6 +347,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         )
         return value
     if tp is float:
+        if isinstance(value, str):
+            # PyYAML (YAML 1.1) reads `3e-4` (no dot) as a string; accept what float() accepts.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         _check(ok, key, f"expected a number, got {value!r}")
         return float(value)
