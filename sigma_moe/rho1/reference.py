@@ -179,6 +179,62 @@ def _load_hf(p: Path, tok_fp: str, tok_vocab: int, device) -> ReferenceModel:
     )
 
 
+def check_reference_tokenizer(path: str | os.PathLike, tokenizer: Any = "bundled") -> None:
+    """The tokenizer checks of ``load_reference`` without loading the model (cheap; the trainer
+    runs it before spawning the scorer so a mismatch fails at once)."""
+    from sigma_moe.data.tokenizer import _canonical_fingerprint
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"rho1.reference {str(p)!r} does not exist")
+    tok_fp, tok_vocab = _tokenizer_fp(tokenizer)
+    if is_hf_folder(p):
+        if (p / "tokenizer.json").is_file():
+            fp = _canonical_fingerprint((p / "tokenizer.json").read_text(encoding="utf-8"))
+            if fp != tok_fp:
+                raise ValueError(
+                    f"rho1.reference {str(p)!r}: its tokenizer.json has fingerprint {fp!r}, but "
+                    f"this run's tokenizer has fingerprint {tok_fp!r}: the reference must use the "
+                    "same tokenizer"
+                )
+        else:
+            vocab = int(json.loads((p / "config.json").read_text()).get("vocab_size", 0) or 0)
+            if vocab != tok_vocab:
+                raise ValueError(
+                    f"rho1.reference {str(p)!r} has no tokenizer.json and its vocab size {vocab} "
+                    f"differs from this run's tokenizer vocab size {tok_vocab}: the reference "
+                    "must use the same tokenizer"
+                )
+        return
+    from sigma_moe.train.checkpoint import resolve_checkpoint
+
+    try:
+        ckpt = resolve_checkpoint(p)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(
+            f"rho1.reference {str(p)!r} is neither a checkpoint of ours nor a transformers model "
+            f"folder (no config.json): {e}"
+        ) from e
+    ref_tok = json.loads((ckpt / "meta.json").read_text()).get("tokenizer_fingerprint")
+    if ref_tok != tok_fp:
+        raise ValueError(
+            f"rho1.reference {str(ckpt)!r} was trained with tokenizer fingerprint {ref_tok!r}, "
+            f"but this run's tokenizer has fingerprint {tok_fp!r}: the reference must use the "
+            "same tokenizer"
+        )
+
+
+def reference_fingerprint(path: str | os.PathLike) -> str:
+    """The fingerprint ``load_reference(path).fingerprint`` has, without loading the model."""
+    p = Path(path).expanduser()
+    if is_hf_folder(p):
+        return f"transformers:{_weights_fingerprint(p, [p / 'config.json'])}"
+    from sigma_moe.train.checkpoint import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(p)
+    return f"sigma-moe:{_weights_fingerprint(ckpt, [ckpt / 'meta.json', ckpt / 'config.yaml'])}"
+
+
 @torch.no_grad()
 def score_batch(
     model: torch.nn.Module | ReferenceModel,

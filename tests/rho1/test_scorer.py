@@ -1,0 +1,156 @@
+import time
+
+import pytest
+import torch
+
+from sigma_moe.config import RunConfig
+from sigma_moe.rho1.scorer import ScorerError, ScorerSupervisor, build_dataset, main, score_samples
+from sigma_moe.rho1.store import RefLossStore
+
+G, MB, STEPS = 8, 4, 4
+
+
+def _cfg(reference, **rho1):
+    cfg = RunConfig()
+    cfg.data.seq_len = 64
+    cfg.train.max_steps = STEPS
+    cfg.train.global_batch_size = G
+    cfg.train.micro_batch_size = MB
+    cfg.rho1.mode = "excess"
+    cfg.rho1.reference = str(reference)
+    cfg.rho1.scorer_batch_size = 4
+    cfg.rho1.scorer_lookahead = 8
+    cfg.rho1.scorer_timeout_s = 60.0
+    for k, v in rho1.items():
+        setattr(cfg.rho1, k, v)
+    return cfg.validate()
+
+
+@pytest.fixture(scope="module")
+def ds(hf_reference):
+    return build_dataset(_cfg(hf_reference))
+
+
+def _keys(ds, step):
+    return [ds.domain_and_index(g) for g in range(step * G, (step + 1) * G)]
+
+
+def _train_like(sup, ds):
+    """What the trainer does: advance to its position, then wait for each step's rows."""
+    out = []
+    for step in range(STEPS):
+        sup.advance(step * G)
+        out.append(sup.wait_for(_keys(ds, step)))
+    return torch.cat(out)
+
+
+def test_inline_matches_direct_scoring(hf_reference, ds, tmp_path):
+    from sigma_moe.rho1.reference import load_reference
+
+    cfg = _cfg(hf_reference, scorer="inline")
+    with ScorerSupervisor(cfg, tmp_path / "store", dataset=ds) as sup:
+        rows = _train_like(sup, ds)
+        assert sup.store.count_done() == len({k for s in range(STEPS) for k in _keys(ds, s)})
+    ref = load_reference(hf_reference)
+    want = score_samples(ref, [ds[g] for g in range(STEPS * G)])
+    assert torch.allclose(rows, want, atol=2e-2, rtol=2e-3)  # float16 store
+    assert rows.shape == (STEPS * G, 64) and (rows >= 0).all()
+
+
+def test_process_crash_restart_same_losses(hf_reference, ds, tmp_path):
+    inline = ScorerSupervisor(_cfg(hf_reference, scorer="inline"), tmp_path / "a", dataset=ds)
+    with inline:
+        want = _train_like(inline, ds)
+    cfg = _cfg(hf_reference, scorer="process", scorer_max_restarts=2)
+    sup = ScorerSupervisor(cfg, tmp_path / "b", dataset=ds, fault_injection={"crash_after_rows": 8})
+    t0 = time.monotonic()
+    with sup:
+        got = _train_like(sup, ds)
+        assert sup.restarts == 1
+        assert sup.wait_s_total > 0
+    assert time.monotonic() - t0 < 80
+    assert torch.equal(got, want)  # bit-identical rows after a crash + resume from the store
+
+
+def test_unstartable_scorer_fails_fast(hf_reference, ds, tmp_path):
+    # missing path: refused before spawning anything
+    cfg = _cfg(tmp_path / "no-such-model", scorer="process")
+    t0 = time.monotonic()
+    with pytest.raises(ScorerError, match="does not exist"):
+        ScorerSupervisor(cfg, tmp_path / "s", dataset=ds).start()
+    assert time.monotonic() - t0 < 5
+
+
+def test_tokenizer_mismatch_refused_before_spawn(ds, tmp_path):
+    import json
+
+    from _rho1_helpers import make_hf_reference
+
+    from sigma_moe.data.tokenizer import BUNDLED_TOKENIZER_PATH
+
+    raw = json.loads(BUNDLED_TOKENIZER_PATH.read_text())
+    vocab = raw["model"]["vocab"]
+    a, b = list(vocab)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (tmp_path / "tok.json").write_text(json.dumps(raw))
+    bad = make_hf_reference(tmp_path / "bad", tokenizer_json=tmp_path / "tok.json")
+    cfg = _cfg(bad, scorer="process", scorer_max_restarts=3)
+    sup = ScorerSupervisor(cfg, tmp_path / "s", dataset=ds)
+    t0 = time.monotonic()
+    with pytest.raises(ScorerError, match="cannot start.*fingerprint"):
+        sup.start()
+    assert time.monotonic() - t0 < 5
+    assert sup._proc is None
+    sup.close()
+
+
+def test_side_process_setup_failure_is_reported(hf_reference, ds, tmp_path):
+    """A reference that passes the cheap checks but cannot be loaded (corrupt weights): the side
+    process reports the error, the supervisor raises at once (no retries: restarting cannot fix a
+    broken reference), within bounded time."""
+    import shutil
+
+    bad = tmp_path / "corrupt"
+    shutil.copytree(hf_reference, bad)
+    for f in bad.glob("*.safetensors"):
+        f.write_bytes(b"not a safetensors file")
+    cfg = _cfg(bad, scorer="process", scorer_max_restarts=3, scorer_timeout_s=120.0)
+    sup = ScorerSupervisor(cfg, tmp_path / "s", dataset=ds)
+    t0 = time.monotonic()
+    with pytest.raises(ScorerError, match="could not start") as ei:
+        sup.start()
+    assert str(bad) in str(ei.value)
+    assert time.monotonic() - t0 < 120
+    assert sup.restarts == 0
+    sup.close()
+
+
+def test_prefilled_and_cli(hf_reference, ds, tmp_path, capsys):
+    import yaml
+
+    cfg = _cfg(hf_reference, scorer="prefilled")
+    store = tmp_path / "store"
+    # nothing there yet
+    with pytest.raises(ScorerError, match="sigma-moe score"):
+        ScorerSupervisor(cfg, store, dataset=ds).start()
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg.to_dict()))
+    rc = main([str(cfg_path), "--store", str(store), "--num-samples", str(G), "--no-progress"])
+    assert rc == 0 and "scored" in capsys.readouterr().out
+    with ScorerSupervisor(cfg, store, dataset=ds) as sup:
+        assert sup.wait_for(_keys(ds, 0)).shape == (G, 64)
+        missing = [k for k in _keys(ds, 1) if not sup.store.has(*k)]
+        assert missing
+        with pytest.raises(ScorerError, match="lacks"):
+            sup.wait_for(_keys(ds, 1))
+    # the store remembers the reference: a different one is refused
+    assert RefLossStore(store).meta["reference_fingerprint"].startswith("transformers:")
+
+
+@pytest.mark.slow
+def test_hung_scorer_is_restarted(hf_reference, ds, tmp_path):
+    cfg = _cfg(hf_reference, scorer="process", scorer_timeout_s=3.0, scorer_max_restarts=1)
+    sup = ScorerSupervisor(cfg, tmp_path / "s", dataset=ds, fault_injection={"hang_after_rows": 4})
+    with sup:
+        _train_like(sup, ds)
+        assert sup.restarts == 1
