@@ -15,7 +15,12 @@ from sigma_moe.data.dataset import (
     get_batch,
 )
 from sigma_moe.data.prepare import check_prefix, prepare_data
-from sigma_moe.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from sigma_moe.data.tokenizer import (
+    Tokenizer,
+    load_tokenizer,
+    tokenizer_fingerprint,
+    train_tokenizer,
+)
 
 __all__ = [
     "CLEAN_DOMAINS",
@@ -34,5 +39,6 @@ __all__ = [
     "get_batch",
     "load_tokenizer",
     "prepare_data",
+    "tokenizer_fingerprint",
     "train_tokenizer",
 ]

@@ -63,7 +63,7 @@ class DomainSpec:
     name: str
     path: str
     weight: float = 1.0
-    clean: bool = True
+    clean: bool = False
 
 
 def _resolve_prefix(domain: Any, val: bool = False, cache_dir=None) -> str:
@@ -88,8 +88,10 @@ def _check_domains(domains: Sequence[Any]) -> None:
         raise ValueError(f"data.domains: duplicate domain name(s) {sorted(dup)}")
     for d in domains:
         w = float(getattr(d, "weight", 1.0))
-        if not math.isfinite(w) or w <= 0:
-            raise ValueError(f"data.domains[{d.name}].weight must be > 0, got {w}")
+        if not math.isfinite(w) or w < 0:
+            raise ValueError(f"data.domains[{d.name}].weight must be >= 0, got {w}")
+    if not any(float(getattr(d, "weight", 1.0)) > 0 for d in domains):
+        raise ValueError("data.domains: every weight is 0; at least one domain must be trained on")
 
 
 def _is_writer_rank() -> bool:
@@ -166,7 +168,7 @@ class TrainDataset(torch.utils.data.Dataset):
     ):
         self.domains = list(domains)
         self.domain_names = [d.name for d in domains]
-        self.clean = [bool(getattr(d, "clean", True)) for d in domains]
+        self.clean = [bool(getattr(d, "clean", False)) for d in domains]
         self.prefixes = prefixes
         self.datasets = datasets
         self.dataset_index = dataset_index
@@ -177,7 +179,7 @@ class TrainDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.reset_at_eod = reset_at_eod
         self.weights = weights
-        self.domain_sizes = [len(ds) for ds in datasets]
+        self.domain_sizes = [0 if ds is None else len(ds) for ds in datasets]
         self._make = _SampleMaker(tokenizer.eod, reset_at_eod)
 
     def __len__(self) -> int:
@@ -201,6 +203,10 @@ class TrainDataset(torch.utils.data.Dataset):
         domain_id, sample_index = int(domain_id), int(sample_index)
         if not 0 <= domain_id < len(self.datasets):
             raise IndexError(f"domain id {domain_id} out of range ({len(self.datasets)} domains)")
+        if self.datasets[domain_id] is None:
+            raise IndexError(
+                f"domain {self.domain_names[domain_id]!r} has weight 0: it has no training samples"
+            )
         if not 0 <= sample_index < self.domain_sizes[domain_id]:
             raise IndexError(
                 f"sample {sample_index} out of range for domain {self.domain_names[domain_id]!r} "
@@ -251,35 +257,43 @@ def build_train_dataset(
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     _check_domains(domains)
     tok = load_tokenizer(tokenizer)
-    prefixes = [_resolve_prefix(d, cache_dir=cache_dir) for d in domains]
+    raw_w = [float(getattr(d, "weight", 1.0)) for d in domains]
+    # weight 0: the domain keeps its id (for eval / logging) but is not in the training blend
+    active = [i for i, w in enumerate(raw_w) if w > 0]
+    all_prefixes = [_resolve_prefix(d, cache_dir=cache_dir) for d in domains]
+    prefixes = [all_prefixes[i] for i in active]
     for p in prefixes:
         check_prefix(p, tok)
+    weights = [w / sum(raw_w) for w in raw_w]
+
     from megatron.core.datasets.blended_dataset import BlendedDataset
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
     )
     from megatron.core.datasets.gpt_dataset import GPTDataset
 
-    raw_w = [float(getattr(d, "weight", 1.0)) for d in domains]
-    weights = [w / sum(raw_w) for w in raw_w]
-    single = len(domains) == 1
-    config = _gpt_config(prefixes, None if single else weights, seq_len, seed, tok, reset_at_eod)
+    single = len(active) == 1
+    blend_w = None if single else [weights[i] for i in active]
+    config = _gpt_config(prefixes, blend_w, seq_len, seed, tok, reset_at_eod)
     builder = BlendedMegatronDatasetBuilder(
         GPTDataset, [int(num_samples), 0, 0], lambda: True, config
     )
     top = _build_with_locks(prefixes, builder)[0]
     if isinstance(top, BlendedDataset):
-        datasets = list(top.datasets)
-        dataset_index = np.asarray(top.dataset_index)
+        built = list(top.datasets)
+        local_index = np.asarray(top.dataset_index)
         dataset_sample_index = np.asarray(top.dataset_sample_index)
     else:
-        datasets = [top]
-        n = len(top)
-        dataset_index = np.zeros(n, dtype=np.int16)
-        dataset_sample_index = np.arange(n, dtype=np.int64)
+        built = [top]
+        local_index = np.zeros(len(top), dtype=np.int16)
+        dataset_sample_index = np.arange(len(top), dtype=np.int64)
+    datasets: list = [None] * len(domains)
+    for j, i in enumerate(active):
+        datasets[i] = built[j]
+    dataset_index = np.asarray(active, dtype=np.int16)[local_index]
     return TrainDataset(
         domains,
-        prefixes,
+        all_prefixes,
         datasets,
         dataset_index,
         dataset_sample_index,
@@ -357,7 +371,7 @@ def build_val_datasets(
         ds = _build_with_locks([prefix], builder)[0]
         n = len(ds) if max_samples_per_domain is None else min(len(ds), int(max_samples_per_domain))
         out[d.name] = ValDataset(
-            d.name, i, prefix, ds, n, tok, reset_at_eod, bool(getattr(d, "clean", True))
+            d.name, i, prefix, ds, n, tok, reset_at_eod, bool(getattr(d, "clean", False))
         )
     return out
 

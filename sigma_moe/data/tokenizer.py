@@ -27,6 +27,22 @@ def _canonical_fingerprint(raw: str) -> str:
     return hashlib.sha256(canon.encode("utf-8")).hexdigest()
 
 
+def tokenizer_fingerprint(path_or_json: str | os.PathLike) -> str:
+    """The ``fingerprint`` of a ``tokenizer.json`` (a path, or its JSON text) without loading it."""
+    s = str(path_or_json)
+    if not s.lstrip().startswith("{"):
+        p = Path(s)
+        if p.is_dir():
+            p = p / "tokenizer.json"
+        if not p.is_file():
+            raise FileNotFoundError(f"tokenizer file {str(p)!r} does not exist")
+        s = p.read_text(encoding="utf-8")
+    try:
+        return _canonical_fingerprint(s)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not a valid tokenizer.json ({e.msg})") from None
+
+
 class Tokenizer:
     """Wraps a ``tokenizers.Tokenizer`` loaded from a ``tokenizer.json``."""
 

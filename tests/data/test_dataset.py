@@ -230,8 +230,25 @@ def test_bad_domain_lists():
         build_train_dataset([], SEQ, 10, seed=1)
     with pytest.raises(ValueError, match="duplicate"):
         build_train_dataset([DomainSpec("a", "bundled"), DomainSpec("a", "bundled")], SEQ, 10, 1)
-    with pytest.raises(ValueError, match="weight"):
+    with pytest.raises(ValueError, match="every weight is 0"):
         build_train_dataset([DomainSpec("prose", "bundled", 0.0)], SEQ, 10, seed=1)
+    with pytest.raises(ValueError, match=r"\[prose\]\.weight"):
+        build_train_dataset([DomainSpec("prose", "bundled", -1.0)], SEQ, 10, seed=1)
+
+
+def test_zero_weight_domain_keeps_its_id(bundled_domains, train_ds):
+    doms = [DomainSpec(d.name, d.path, d.weight, d.clean) for d in bundled_domains]
+    doms[1].weight = 0.0  # code: eval only
+    ds = build_train_dataset(doms, SEQ, 1000, seed=1234)
+    assert ds.domain_sizes[1] == 0 and all(n > 0 for i, n in enumerate(ds.domain_sizes) if i != 1)
+    counts = ds.domain_counts()
+    assert counts[1] == 0 and len(counts) == 4
+    for i in range(0, 1000, 50):
+        d, k = ds.domain_and_index(i)
+        assert d != 1 and int(ds[i]["domain"]) == d
+    with pytest.raises(IndexError, match="weight 0"):
+        ds.get_domain_sample(1, 0)
+    assert ds.prefixes[1].endswith("code")
 
 
 def test_token_ids_out_of_vocab(tmp_path):

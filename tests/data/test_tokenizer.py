@@ -81,3 +81,14 @@ def test_committed_tokenizer_is_reproducible(tmp_path):
 
     tok = train_bundled_tokenizer(tmp_path / "tokenizer.json")
     assert tok.fingerprint == load_tokenizer("bundled").fingerprint
+
+
+def test_tokenizer_fingerprint_helper(tmp_path):
+    from sigma_moe.data.tokenizer import tokenizer_fingerprint
+
+    fp = load_tokenizer("bundled").fingerprint
+    assert tokenizer_fingerprint(BUNDLED_TOKENIZER_PATH) == fp
+    assert tokenizer_fingerprint(BUNDLED_TOKENIZER_PATH.parent) == fp
+    assert tokenizer_fingerprint(BUNDLED_TOKENIZER_PATH.read_text()) == fp
+    with pytest.raises(FileNotFoundError, match="nope"):
+        tokenizer_fingerprint(tmp_path / "nope")
