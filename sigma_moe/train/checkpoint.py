@@ -1,22 +1,43 @@
 """Checkpoints: DeepSpeed's save/load plus what DeepSpeed does not know (loop state, RNG, config,
-tokenizer fingerprint, code version), and loading a checkpoint for inference without DeepSpeed.
+tokenizer fingerprint, model shapes, code version), atomic publication, `--resume auto` that
+skips damaged checkpoints, and loading a checkpoint for inference without DeepSpeed.
 
 Layout of `<run>/checkpoints/`:
     step_00000100/              one complete checkpoint (DeepSpeed files + ours)
-        mp_rank_00_model_states.pt, layer_<i>_expert_<r>_mp_rank_00_model_states.pt, ...
-        meta.json               step, consumed samples, tokenizer fingerprint, ep_size, version
+        mp_rank_00_model_states.pt, layer_<i>_expert_<r>_mp_rank_00_model_states.pt,
+        zero_pp_rank_<r>_mp_rank_00_optim_states.pt, ...      (DeepSpeed)
+        rng_rank<r>.pt          every rank's RNG states (python, numpy, torch, cuda)
         config.yaml             the resolved run config
-        rng_rank<r>.pt          every rank's RNG states
+        meta.json               written last: step, consumed samples, tokenizer fingerprint,
+                                ep/world size, ZeRO stage, model shapes, code version and a
+                                manifest (every file with its size)
     latest                      name of the newest complete checkpoint
+
+What is saved where. DeepSpeed: weights, optimizer state (ZeRO partitions), its step counters.
+`TrainState` (client state of the DeepSpeed checkpoint): step, consumed samples, tokens, NaN skips
+and `extra`, the dict any callback puts its own resumable state in (eval history, the Rho-1
+store position, ...). Not saved because derived from the step: the learning rate (the loop sets
+it from its own step counter), progressive sparsification (top-k by step) and the data order
+(sample index = step x global batch).
+
+Atomicity. Every rank writes into `step_<N>.tmp-<pid of rank 0>`; after a barrier, rank 0 adds
+config.yaml and meta.json (with the manifest), renames the folder to `step_<N>` and only then
+replaces `latest` (write + rename). A process killed at any point leaves either a `.tmp-*`
+folder (ignored, removed at the next start) or a complete checkpoint. A failed write (disk full)
+removes the temporary folder and raises `CheckpointError`; the previous checkpoint and `latest`
+are untouched.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import shutil
+import subprocess
 import sys
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -29,30 +50,117 @@ import yaml
 import sigma_moe
 
 META = "meta.json"
+UNIVERSAL = "universal_state.pt"  # layout-free state written by `sigma-moe convert-checkpoint`
+# SigmaMoEConfig fields that decide parameter shapes, with the config key a user changes.
+SHAPE_FIELDS = {
+    "vocab_size": "data.tokenizer (vocabulary size)",
+    "num_layers": "model.num_layers",
+    "hidden_size": "model.hidden_size",
+    "num_attention_heads": "model.num_attention_heads",
+    "num_kv_heads": "model.num_kv_heads",
+    "head_dim": "model.head_dim",
+    "num_experts": "model.num_experts",
+    "moe_ffn_size": "model.moe_ffn_size",
+    "tie_embeddings": "model.tie_embeddings",
+}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written; the message names it and the one that survives."""
 
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A run's `checkpoints/` folder (→ its newest complete checkpoint), a run folder, or one
-    checkpoint folder. Raises FileNotFoundError naming the path."""
+def _is_final_name(p: Path) -> bool:
+    n = p.name
+    return n.startswith("step_") and n[5:].isdigit()
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- finding & checking
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Checkpoint folders with a final name (`step_<N>`, no temporary suffix), newest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _is_final_name(p)]
+    return sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
+
+
+def _zip_ok(f: Path) -> bool:
+    """torch.save writes zip archives: a truncated one has no readable central directory."""
+    try:
+        with zipfile.ZipFile(f) as z:
+            z.infolist()
+        return True
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return False
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why `ckpt` cannot be resumed from (None = it looks complete). Cheap: reads meta.json,
+    compares every file of its manifest with the recorded size and checks each .pt archive's
+    directory; it does not load tensors."""
+    ckpt = Path(ckpt)
+    if not (ckpt / META).is_file():
+        return f"no {META} (the save did not finish)"
+    try:
+        meta = json.loads((ckpt / META).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return f"{META} is unreadable ({e})"
+    files = meta.get("files")
+    if files is None:  # older checkpoints without a manifest: the files we know must exist
+        need = ["mp_rank_00_model_states.pt"] if meta.get("format") != "universal" else [UNIVERSAL]
+        files = {n: None for n in need}
+    for name, size in files.items():
+        f = ckpt / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if size is not None and f.stat().st_size != size:
+            return f"{name} is {f.stat().st_size} bytes, {size} were written (truncated or damaged)"
+        if name.endswith(".pt") and not _zip_ok(f):
+            return f"{name} is not a readable torch archive (truncated or damaged)"
+    return None
+
+
+def resolve_checkpoint(path: str | Path, *, warn: bool = True) -> Path:
+    """A run's `checkpoints/` folder or run folder (→ its newest complete, undamaged checkpoint,
+    skipping damaged ones with a warning naming them), or one checkpoint folder (checked).
+    Raises FileNotFoundError naming the path."""
     p = Path(path)
     if (p / "checkpoints").is_dir() and not (p / META).exists():
         p = p / "checkpoints"
-    if (p / META).is_file():
+    if (p / META).is_file() or (_is_final_name(p) and p.is_dir()):
+        problem = checkpoint_problem(p)
+        if problem:
+            raise FileNotFoundError(f"checkpoint {p} cannot be loaded: {problem}")
         return p
+    cands = list_checkpoints(p)
     latest = p / "latest"
-    if latest.is_file():
-        tag = latest.read_text().strip()
-        if (p / tag / META).is_file():
-            return p / tag
-        raise FileNotFoundError(f"checkpoint {p / tag} named by {latest} is incomplete (no {META})")
-    raise FileNotFoundError(
-        f"no checkpoint at {p}: expected a checkpoints/ folder with a 'latest' "
-        f"file or a checkpoint folder holding {META}"
-    )
+    if not cands:
+        raise FileNotFoundError(
+            f"no checkpoint at {p}: expected a checkpoints/ folder holding step_* checkpoints "
+            f"or a checkpoint folder holding {META}"
+        )
+    for c in cands:
+        problem = checkpoint_problem(c)
+        if problem is None:
+            if warn and latest.is_file() and latest.read_text().strip() != c.name:
+                _log(
+                    f"[resume] warning: {latest} names {latest.read_text().strip()!r}, "
+                    f"using {c.name} (the newest complete checkpoint)"
+                )
+            return c
+        if warn:
+            _log(f"[resume] warning: skipping damaged checkpoint {c}: {problem}")
+    raise FileNotFoundError(f"no loadable checkpoint under {p}: every candidate is damaged")
 
 
 def read_meta(ckpt: Path) -> dict[str, Any]:
@@ -60,6 +168,9 @@ def read_meta(ckpt: Path) -> dict[str, Any]:
         return json.loads((ckpt / META).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"checkpoint metadata {ckpt / META} is unreadable: {e}") from e
+
+
+# --------------------------------------------------------------------------- state pieces
 
 
 def rng_state() -> dict[str, Any]:
@@ -81,6 +192,44 @@ def set_rng_state(st: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
+def code_version() -> str:
+    """Package version plus the git commit of the source tree when there is one."""
+    v = sigma_moe.__version__
+    try:
+        root = Path(sigma_moe.__file__).resolve().parent.parent
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        if out.returncode == 0 and out.stdout.strip():
+            dirty = subprocess.run(
+                ["git", "-C", str(root), "diff", "--quiet", "HEAD", "--", "sigma_moe", "kernels"],
+                capture_output=True,
+                timeout=5,
+            )
+            v += f"+g{out.stdout.strip()}" + (".dirty" if dirty.returncode else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return v
+
+
+def is_expert_param(p: torch.Tensor) -> bool:
+    return getattr(p, "allreduce", True) is False
+
+
+def global_param_shapes(model: torch.nn.Module, ep_size: int) -> dict[str, list[int]]:
+    """Parameter shapes of the whole model (expert tensors with every expert, not this rank's)."""
+    out = {}
+    for n, p in model.named_parameters():
+        shape = list(p.shape)
+        if is_expert_param(p):
+            shape[0] *= ep_size
+        out[n.removeprefix("_orig_mod.")] = shape
+    return out
+
+
 def build_meta(
     step: int,
     consumed_samples: int,
@@ -95,9 +244,49 @@ def build_meta(
         "tokenizer_fingerprint": tokenizer_fingerprint,
         "ep_size": ep_size,
         "world_size": world_size,
-        "version": sigma_moe.__version__,
+        "version": code_version(),
         **(extra or {}),
     }
+
+
+def shape_mismatch(ckpt: Path, meta: dict[str, Any], model, ep_size: int) -> str | None:
+    """A message naming how the checkpoint's model differs from `model` (None = same shapes)."""
+    saved = meta.get("param_shapes")
+    if saved is None:
+        return None
+    now = global_param_shapes(model, ep_size)
+    if saved == now:
+        return None
+    diffs = []
+    old_cfg, new_cfg = meta.get("model_config") or {}, getattr(model, "config", None)
+    if new_cfg is not None:
+        for f, key in SHAPE_FIELDS.items():
+            a, b = old_cfg.get(f), getattr(new_cfg, f, None)
+            if a is not None and a != b:
+                diffs.append(f"{key}: {a} in the checkpoint, {b} now")
+    pdiff = []
+    for n in sorted(set(saved) | set(now)):
+        a, b = saved.get(n), now.get(n)
+        if a != b:
+            pdiff.append(
+                f"{n}: "
+                + (
+                    "missing now"
+                    if b is None
+                    else "not in the checkpoint"
+                    if a is None
+                    else f"{a} vs {b}"
+                )
+            )
+    shown = "; ".join(pdiff[:4]) + (f"; … {len(pdiff) - 4} more" if len(pdiff) > 4 else "")
+    return (
+        f"checkpoint {ckpt} holds a model of another shape than the config builds: "
+        + ("; ".join(diffs) + ". " if diffs else "")
+        + f"Parameters that differ: {shown}"
+    )
+
+
+# --------------------------------------------------------------------------- inference loading
 
 
 def _expert_files(ckpt: Path) -> dict[int, list[Path]]:
@@ -111,6 +300,8 @@ def _expert_files(ckpt: Path) -> dict[int, list[Path]]:
 
 def load_full_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     """Module state dict with every expert of every layer (EP slices concatenated in order)."""
+    if (ckpt / UNIVERSAL).is_file():
+        return dict(torch.load(ckpt / UNIVERSAL, map_location="cpu", weights_only=False)["module"])
     main = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     state = dict(main["module"])
     for _layer, files in sorted(_expert_files(ckpt).items()):
@@ -152,44 +343,115 @@ def load_model_for_inference(path: str | Path, device: str | torch.device = "cpu
     return model.float().to(device).eval(), cfg_dict, meta
 
 
+# --------------------------------------------------------------------------- collectives
+
+
+def _agree_any(flag: bool) -> bool:
+    """True on every rank if `flag` is True on any rank."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _broadcast(obj):
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 # --------------------------------------------------------------------------- callbacks
 
 
 class Checkpointer:
-    """Save every `checkpoint.every` steps, at the end and on SIGTERM/SIGINT; resume at start.
+    """Save every `checkpoint.every` steps, at the end and on SIGTERM/SIGINT (the loop sets
+    `trainer.stop_requested`, this saves, the loop exits); resume before training starts.
 
-    A checkpoint counts as complete only once its meta.json exists and `latest` names it; both
-    are written last, by rank 0, after a barrier, so a run killed mid-save leaves the previous
-    checkpoint as the newest complete one."""
+    `resume`: "none", "auto" (newest complete checkpoint under <run>/checkpoints, skipping
+    damaged ones with a warning; a fresh start if there is none) or a path (a checkpoints/
+    folder, a run folder or one checkpoint; an error if it cannot be loaded)."""
 
     def __init__(self, cfg, out_dir: Path, world, resume: str):
         self.cfg, self.root, self.world, self.resume = cfg, out_dir / "checkpoints", world, resume
         self.last_saved = -1
+        self.failed = False  # a save failed: do not try again at the end of the run
+        self._pid0: int | None = None
+
+    # ---------------------------------------------------------------- resume
+
+    def _clean_stale(self) -> None:
+        """Remove temporary folders a killed save left behind (rank 0, before any save)."""
+        if not self.world.is_main or not self.root.is_dir():
+            return
+        for p in self.root.iterdir():
+            if p.name.startswith("step_") and (".tmp-" in p.name or ".old-" in p.name):
+                _log(f"[checkpoint] removing unfinished save {p}")
+                shutil.rmtree(p, ignore_errors=True)
 
     def on_resume(self, trainer):
+        self._pid0 = _broadcast(os.getpid())
+        self._clean_stale()
+        _barrier()
         if self.resume in (None, "none"):
             return
-        try:
-            ckpt = resolve_checkpoint(self.root if self.resume == "auto" else self.resume)
-        except FileNotFoundError:
+        target = self.root if self.resume == "auto" else Path(self.resume)
+        # Rank 0 decides (warnings once), every rank loads the same checkpoint.
+        choice: str | None = None
+        err: str | None = None
+        if self.world.is_main:
+            try:
+                choice = str(resolve_checkpoint(target))
+            except FileNotFoundError as e:
+                err = str(e)
+        choice, err = _broadcast((choice, err))
+        if choice is None:
             if self.resume == "auto":
                 if self.world.is_main:
-                    print(
-                        f"[resume] no complete checkpoint under {self.root}; starting fresh",
-                        file=sys.stderr,
-                    )
+                    _log(f"[resume] no complete checkpoint under {self.root}; starting fresh")
                 return
-            raise
-        self.load(trainer, ckpt)
+            raise FileNotFoundError(err)
+        self.load(trainer, Path(choice))
 
-    def load(self, trainer, ckpt: Path) -> None:
-        meta = read_meta(ckpt)
+    def _check_compatible(self, trainer, ckpt: Path, meta: dict[str, Any]) -> None:
         fp = trainer.tokenizer.fingerprint
         if meta.get("tokenizer_fingerprint") not in (None, fp):
             raise ValueError(
                 f"checkpoint {ckpt} was trained with tokenizer {meta['tokenizer_fingerprint']}, "
                 f"the config's data.tokenizer is {fp}"
             )
+        problem = shape_mismatch(ckpt, meta, trainer.model, self.cfg.parallel.ep_size)
+        if problem:
+            raise ValueError(problem)
         old_gbs = meta.get("global_batch_size")
         if old_gbs is not None and old_gbs != self.cfg.train.global_batch_size:
             raise ValueError(
@@ -197,15 +459,60 @@ class Checkpointer:
                 f"{old_gbs}, the config says {self.cfg.train.global_batch_size}; resuming would "
                 "re-map the data order, so it is refused (start a new run from its weights instead)"
             )
-        _, client = trainer.engine.load_checkpoint(
-            str(ckpt.parent),
-            tag=ckpt.name,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=False,
+        if self.world.is_main:
+            data_now = self._data_identity()
+            changed = [
+                k
+                for k, v in (meta.get("data_identity") or {}).items()
+                if k in data_now and data_now[k] != v
+            ]
+            if changed:
+                _log(
+                    f"[resume] warning: {', '.join(changed)} changed since checkpoint {ckpt}: "
+                    "the data order after the resume point differs from the original run's"
+                )
+
+    def _data_identity(self) -> dict[str, Any]:
+        c = self.cfg
+        return {
+            "train.max_steps": c.train.max_steps,
+            "train.seed": c.train.seed,
+            "data.seq_len": c.data.seq_len,
+            "data.domains": [asdict(d) for d in c.data.domains],
+        }
+
+    def load(self, trainer, ckpt: Path) -> None:
+        from sigma_moe.train import reshape
+
+        meta = read_meta(ckpt)
+        self._check_compatible(trainer, ckpt, meta)
+        same_layout = (
+            meta.get("format", "deepspeed") == "deepspeed"
+            and meta.get("ep_size") == self.cfg.parallel.ep_size
+            and meta.get("world_size") == self.world.world_size
+            and meta.get("zero_stage", self.cfg.parallel.zero_stage) == self.cfg.parallel.zero_stage
         )
-        if client is None:
-            raise ValueError(f"checkpoint {ckpt} could not be loaded by DeepSpeed")
-        st = client["train_state"]
+        if same_layout:
+            try:
+                _, client = trainer.engine.load_checkpoint(
+                    str(ckpt.parent),
+                    tag=ckpt.name,
+                    load_optimizer_states=True,
+                    load_lr_scheduler_states=False,
+                )
+            except (RuntimeError, OSError, KeyError, EOFError, zipfile.BadZipFile) as e:
+                raise ValueError(f"checkpoint {ckpt} could not be loaded by DeepSpeed: {e}") from e
+            if client is None:
+                raise ValueError(f"checkpoint {ckpt} could not be loaded by DeepSpeed")
+            st = client["train_state"]
+        else:
+            if self.world.is_main:
+                _log(
+                    f"[resume] reshaping {ckpt} (ep_size {meta.get('ep_size')}, "
+                    f"{meta.get('world_size') or '-'} processes) to ep_size "
+                    f"{self.cfg.parallel.ep_size} on {self.world.world_size} processes"
+                )
+            st = reshape.load_reshaped(trainer, ckpt, meta)
         trainer.state.step, trainer.state.consumed_samples = st["step"], st["consumed_samples"]
         trainer.state.tokens, trainer.state.nan_skips = st["tokens"], st["nan_skips"]
         trainer.state.extra.update(st.get("extra", {}))
@@ -214,59 +521,133 @@ class Checkpointer:
             set_rng_state(torch.load(rng, weights_only=False))
         self.last_saved = trainer.state.step
         if self.world.is_main:
-            print(f"[resume] from {ckpt} (step {trainer.state.step})", file=sys.stderr)
+            _log(f"[resume] from {ckpt} (step {trainer.state.step})")
+
+    # ---------------------------------------------------------------- save
+
+    def _meta(self, trainer, path: Path) -> dict[str, Any]:
+        files = {
+            f.name: f.stat().st_size
+            for f in sorted(path.iterdir())
+            if f.is_file() and f.name != META
+        }
+        mc = trainer.model.config
+        return build_meta(
+            trainer.state.step,
+            trainer.state.consumed_samples,
+            trainer.tokenizer.fingerprint,
+            self.cfg.parallel.ep_size,
+            self.world.world_size,
+            {
+                "format": "deepspeed",
+                "zero_stage": self.cfg.parallel.zero_stage,
+                "global_batch_size": self.cfg.train.global_batch_size,
+                "data_identity": self._data_identity(),
+                "model_config": {f: getattr(mc, f, None) for f in SHAPE_FIELDS},
+                "param_shapes": global_param_shapes(trainer.model, self.cfg.parallel.ep_size),
+                "files": files,
+            },
+        )
 
     def save(self, trainer) -> Path:
+        """Write the checkpoint of the current step (all ranks). Atomic; see the module doc."""
         step = trainer.state.step
         tag = tag_for(step)
+        if self._pid0 is None:
+            self._pid0 = _broadcast(os.getpid())
+        tmp_tag = f"{tag}.tmp-{self._pid0}"
+        tmp, final = self.root / tmp_tag, self.root / tag
         client = {"train_state": asdict(trainer.state)}
-        trainer.engine.save_checkpoint(
-            str(self.root), tag=tag, client_state=client, save_latest=False
-        )
-        path = self.root / tag
-        torch.save(rng_state(), path / f"rng_rank{self.world.rank}.pt")
-        dist.barrier()
-        if self.world.is_main:
-            from sigma_moe.config import save_config
-
-            save_config(self.cfg, path / "config.yaml")
-            meta = build_meta(
-                step,
-                trainer.state.consumed_samples,
-                trainer.tokenizer.fingerprint,
-                self.cfg.parallel.ep_size,
-                self.world.world_size,
-                {"global_batch_size": self.cfg.train.global_batch_size},
+        err: BaseException | None = None
+        try:
+            trainer.engine.save_checkpoint(
+                str(self.root), tag=tmp_tag, client_state=client, save_latest=False
             )
-            tmp = path / (META + ".tmp")
-            tmp.write_text(json.dumps(meta, indent=1))
-            os.replace(tmp, path / META)
-            tmp_latest = self.root / "latest.tmp"
-            tmp_latest.write_text(tag)
-            os.replace(tmp_latest, self.root / "latest")
-            self._prune()
-        dist.barrier()
+            torch.save(rng_state(), tmp / f"rng_rank{self.world.rank}.pt")
+        except Exception as e:  # disk full, permissions, ...: every rank must learn about it
+            err = e
+        failed = _agree_any(err is not None)
+        if not failed and self.world.is_main:
+            try:
+                self._publish(trainer, tmp, final, tag)
+            except Exception as e:
+                err = e
+        failed = _agree_any(err is not None)
+        if failed:
+            self.failed = True
+            if self.world.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            _barrier()
+            prev = self.root / "latest"
+            prev_name = prev.read_text().strip() if prev.is_file() else None
+            kept = (
+                f"the previous checkpoint {self.root / prev_name} is intact and 'latest' still "
+                "names it"
+                if prev_name
+                else "no earlier checkpoint exists"
+            )
+            why = f"{err}" if err is not None else "another rank failed to write its part"
+            hint = (
+                " (disk full: free space or point the run at another disk)"
+                if isinstance(err, OSError) and err.errno == errno.ENOSPC
+                else ""
+            )
+            raise CheckpointError(
+                f"could not write checkpoint {final} at step {step}: {why}{hint}; {kept}"
+            ) from err
+        _barrier()
         self.last_saved = step
-        return path
+        return final
 
-    def _prune(self) -> None:
-        done = sorted(p for p in self.root.glob("step_*") if (p / META).is_file())
-        for p in done[: -self.cfg.checkpoint.keep_last]:
-            shutil.rmtree(p, ignore_errors=True)
+    def _publish(self, trainer, tmp: Path, final: Path, tag: str) -> None:
+        from sigma_moe.config import save_config
+
+        save_config(self.cfg, tmp / "config.yaml")
+        meta = self._meta(trainer, tmp)
+        with open(tmp / META, "w") as f:
+            f.write(json.dumps(meta, indent=1))
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        old = None
+        if final.exists():  # e.g. a damaged checkpoint of this step that the resume skipped
+            old = final.with_name(f"{final.name}.old-{os.getpid()}")
+            os.rename(final, old)
+        os.rename(tmp, final)
+        _fsync_dir(self.root)
+        _write_atomic(self.root / "latest", tag)
+        _fsync_dir(self.root)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        self._prune(keep=final)
+
+    def _prune(self, keep: Path) -> None:
+        done = [p for p in list_checkpoints(self.root) if (p / META).is_file()]
+        for p in done[self.cfg.checkpoint.keep_last :]:
+            if p != keep:
+                shutil.rmtree(p, ignore_errors=True)
 
     def on_step_end(self, trainer, m):
         step = m["step"]
         if step % self.cfg.checkpoint.every == 0 or trainer.stop_requested is not None:
             self.save(trainer)
+            if trainer.stop_requested is not None and self.world.is_main:
+                _log(
+                    f"[checkpoint] {trainer.stop_requested}: saved step {step}; stopping "
+                    "(resume with --resume auto)"
+                )
 
     def on_train_end(self, trainer, last):
+        if self.failed or sys.exc_info()[0] is not None:
+            return  # a failed save or a crash: never write a checkpoint of unknown state
         if trainer.state.step > 0 and self.last_saved != trainer.state.step:
             self.save(trainer)
 
 
 class NanGuard:
     """`train.nan_policy`: skip (up to `nan_max_skips` non-finite steps, weights untouched) or
-    stop; stopping saves a checkpoint of the last good weights first."""
+    stop; stopping saves a checkpoint of the last good weights first (its step counter is past
+    the bad batch, so a resume does not replay it)."""
 
     def __init__(self, cfg, checkpointer: Checkpointer):
         self.cfg, self.ckpt = cfg, checkpointer
@@ -286,8 +667,7 @@ class NanGuard:
                 f"the last good weights are saved in {path}"
             )
         if trainer.world.is_main:
-            print(
+            _log(
                 f"[nan] step {m['step']}: non-finite loss, update skipped "
-                f"({trainer.state.nan_skips}/{tr.nan_max_skips})",
-                file=sys.stderr,
+                f"({trainer.state.nan_skips}/{tr.nan_max_skips})"
             )
