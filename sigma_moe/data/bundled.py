@@ -86,8 +86,9 @@ def ensure_bundled_data(cache_dir: str | os.PathLike | None = None) -> Path:
         if _is_complete(final):  # another process finished it while we waited
             return final
         t0 = time.time()
+        for stale in root.glob(".tmp-bundled-*"):  # left by a build that crashed (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = root / f".tmp-{final.name}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "corpus").mkdir(parents=True)
         docs = corpus_docs(DEFAULT_SEED)
         summary = {}
