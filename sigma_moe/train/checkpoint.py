@@ -642,6 +642,11 @@ class Checkpointer:
             return  # a failed save or a crash: never write a checkpoint of unknown state
         if trainer.state.step > 0 and self.last_saved != trainer.state.step:
             self.save(trainer)
+            if trainer.stop_requested is not None and self.world.is_main:
+                _log(
+                    f"[checkpoint] {trainer.stop_requested}: saved step {trainer.state.step}; "
+                    "stopping (resume with --resume auto)"
+                )
 
 
 class NanGuard:

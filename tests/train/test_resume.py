@@ -1,0 +1,70 @@
+"""Kill / resume in subprocesses: SIGKILL during a save, SIGTERM (save and exit cleanly),
+SIGKILL mid-training, then `--resume auto`; the per-step losses must equal, bitwise, those of a
+run that was never interrupted."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from _ckpt_util import PY, REPO, baseline_run, evals, losses, subprocess_env, train_in_process
+
+from sigma_moe.train.checkpoint import checkpoint_problem, resolve_checkpoint
+
+UTIL = str(Path(__file__).with_name("_ckpt_util.py"))
+
+
+def _run(run: Path, *args: str) -> subprocess.CompletedProcess:
+    r = subprocess.run(
+        [PY, UTIL, str(run), *args],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    sys.stderr.write(r.stderr[-3000:])
+    return r
+
+
+def test_kill_term_kill_resume_is_bitwise_exact(tmp_path):
+    from _ckpt_util import config
+
+    base = baseline_run()
+    run = tmp_path / "run"
+    ck = run / "checkpoints"
+
+    # 1. SIGKILL while the step-4 checkpoint is being written.
+    r = _run(run, "--kill-in-save", "4")
+    assert r.returncode == -9, r.stderr[-2000:]
+    assert (ck / "latest").read_text().strip() == "step_00000002"
+    assert list(ck.glob("step_00000004.tmp-*")), "the interrupted save should be left as .tmp"
+    assert not (ck / "step_00000004").exists()
+    assert resolve_checkpoint(ck) == ck / "step_00000002"
+    assert checkpoint_problem(ck / "step_00000002") is None
+
+    # 2. Resume; SIGTERM after step 3: the run saves step 3 and exits cleanly (code 0).
+    r = _run(run, "--resume", "auto", "--term-at", "3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"[resume] from {ck / 'step_00000002'}" in r.stderr
+    assert "removing unfinished save" in r.stderr
+    assert "SIGTERM: saved step 3" in r.stderr
+    assert "[test] run_training returned" in r.stderr
+    assert (ck / "latest").read_text().strip() == "step_00000003"
+    assert not list(ck.glob("*.tmp-*"))
+
+    # 3. Resume; SIGKILL mid-training after step 5 (step 4 was saved on schedule).
+    r = _run(run, "--resume", "auto", "--kill-at", "5")
+    assert r.returncode == -9, r.stderr[-2000:]
+    assert f"[resume] from {ck / 'step_00000003'}" in r.stderr
+    assert (ck / "latest").read_text().strip() == "step_00000004"
+
+    # 4. Resume to the end (in this process).
+    train_in_process(config(), run, resume="auto")
+    assert (ck / "latest").read_text().strip() == "step_00000007"
+
+    want, got = losses(base), losses(run)
+    assert sorted(got) == list(range(1, 8))
+    assert got == want, {s: (want[s], got[s]) for s in want if want[s] != got[s]}
+    assert evals(run) == evals(base)
