@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("rest", nargs=argparse.REMAINDER)
         sp.set_defaults(func=_passthrough(mod, fn))
 
-    b = sub.add_parser("bench", help="benchmarks: kernels | layer | train", add_help=False)
+    b = sub.add_parser("bench", help="benchmarks: kernels | layer", add_help=False)
     b.add_argument("what", choices=sorted(BENCH), nargs="?")
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=_bench)
@@ -153,7 +153,7 @@ def _bench(args: argparse.Namespace) -> int:
     import importlib
 
     if args.what is None:
-        print("usage: sigma-moe bench {kernels,layer,train} [--json PATH] [--help]")
+        print("usage: sigma-moe bench {kernels,layer} [--json PATH] [--help]")
         return 2
     return importlib.import_module(BENCH[args.what]).main(args.rest) or 0
 

@@ -64,7 +64,9 @@ class ProgressBar:
 
     def on_log(self, trainer, m):
         if "val_loss" in m:
-            self.bar.write(f"step {m['step']}: val_loss {m['val_loss']:.4f}")
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"step {m['step']}: val_loss {m['val_loss']:.4f}", file=sys.stderr)
 
     def on_train_end(self, trainer, last):
         if self.bar is not None:

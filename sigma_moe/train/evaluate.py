@@ -1,0 +1,77 @@
+"""`sigma-moe eval` and `sigma-moe generate` on a checkpoint, without DeepSpeed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+@torch.no_grad()
+def evaluate_model(model, val_ds: dict, clean: list[str], batch_size: int = 8) -> dict:
+    from sigma_moe.data.dataset import collate
+
+    model.eval()
+    res: dict = {"val_loss": {}}
+    for name, ds in val_ds.items():
+        tot, n = 0.0, 0.0
+        for i in range(0, len(ds), batch_size):
+            b = collate([ds[j] for j in range(i, min(i + batch_size, len(ds)))])
+            labels = b["labels"].masked_fill(b["loss_mask"] <= 0, -100)
+            out = model(b["input_ids"], labels=labels, return_logits=False)
+            tot += float(out.loss_per_token.sum())
+            n += float((labels != -100).sum())
+        res["val_loss"][name] = tot / max(n, 1.0)
+    present = [c for c in clean if c in res["val_loss"]]
+    res["clean_val_loss"] = (
+        float(np.mean([res["val_loss"][c] for c in present])) if present else None
+    )
+    return res
+
+
+def evaluate_checkpoint(ckpt: str | Path, json_path: str | None = None, set_overrides=None) -> dict:
+    from sigma_moe.config import config_from_dict, parse_overrides
+    from sigma_moe.data.dataset import build_val_datasets
+    from sigma_moe.data.tokenizer import load_tokenizer
+    from sigma_moe.train.checkpoint import load_model_for_inference
+
+    model, cfg_dict, _ = load_model_for_inference(ckpt)
+    for k, v in parse_overrides(set_overrides or []):
+        node = cfg_dict
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    cfg = config_from_dict(cfg_dict)
+    tok = load_tokenizer(cfg.data.tokenizer)
+    val = build_val_datasets(
+        cfg.data.domains,
+        cfg.data.seq_len,
+        tok,
+        max_samples_per_domain=cfg.data.val_samples_per_domain,
+    )
+    res = evaluate_model(model, val, [d.name for d in cfg.data.domains if d.clean])
+    for name, v in res["val_loss"].items():
+        print(f"val_loss/{name:<12} {v:.4f}")
+    if res["clean_val_loss"] is not None:
+        print(f"clean_val_loss        {res['clean_val_loss']:.4f}")
+    if json_path:
+        Path(json_path).write_text(json.dumps(res, indent=1))
+    return res
+
+
+def generate_text(
+    ckpt: str | Path, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8, seed: int = 0
+) -> str:
+    from sigma_moe.config import config_from_dict
+    from sigma_moe.data.tokenizer import load_tokenizer
+    from sigma_moe.train.checkpoint import load_model_for_inference
+
+    torch.manual_seed(seed)
+    model, cfg_dict, _ = load_model_for_inference(ckpt)
+    tok = load_tokenizer(config_from_dict(cfg_dict).data.tokenizer)
+    ids = torch.tensor([tok.encode(prompt)], dtype=torch.long)
+    out = model.generate(ids, max_new_tokens, temperature=temperature, eod=tok.eod)
+    return tok.decode(out[0].tolist())
