@@ -1,0 +1,88 @@
+"""Checkpoint layout, atomic publication and `--resume auto` skipping damaged checkpoints."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from _ckpt_util import baseline_run, config, losses, train_in_process
+
+from sigma_moe.train.checkpoint import (
+    META,
+    checkpoint_problem,
+    list_checkpoints,
+    load_model_for_inference,
+    read_meta,
+    resolve_checkpoint,
+)
+
+
+def test_checkpoint_contents():
+    ck = baseline_run() / "checkpoints"
+    assert (ck / "latest").read_text().strip() == "step_00000007"
+    assert [p.name for p in list_checkpoints(ck)] == [
+        "step_00000007",
+        "step_00000006",
+        "step_00000004",
+        "step_00000002",
+    ]
+    assert not list(ck.glob("*.tmp-*"))
+    c = ck / "step_00000007"
+    meta = read_meta(c)
+    assert meta["step"] == 7 and meta["consumed_samples"] == 28
+    assert meta["ep_size"] == 1 and meta["world_size"] == 1 and meta["zero_stage"] == 1
+    assert meta["global_batch_size"] == 4 and meta["version"]
+    assert meta["model_config"]["num_layers"] == 2
+    # the manifest lists every file with its size
+    files = {f.name: f.stat().st_size for f in c.iterdir() if f.name != META}
+    assert meta["files"] == files
+    assert {"config.yaml", "rng_rank0.pt", "mp_rank_00_model_states.pt"} <= set(files)
+    assert any(n.startswith("zero_pp_rank_0") for n in files)
+    model, cfg, m = load_model_for_inference(ck)
+    assert m["step"] == 7 and cfg["train"]["max_steps"] == 7
+
+
+def test_resume_auto_skips_damaged_checkpoints(tmp_path, capfd):
+    run = tmp_path / "run"
+    shutil.copytree(baseline_run() / "checkpoints", run / "checkpoints")
+    ck = run / "checkpoints"
+    # newest: a truncated optimizer file; next: meta.json lost; next: a file missing
+    opt = next((ck / "step_00000007").glob("zero_pp_rank_0_*optim_states.pt"))
+    opt.write_bytes(opt.read_bytes()[:1000])
+    (ck / "step_00000006" / META).unlink()
+    assert "truncated" in checkpoint_problem(ck / "step_00000007")
+    assert "no meta.json" in checkpoint_problem(ck / "step_00000006")
+    assert resolve_checkpoint(ck) == ck / "step_00000004"
+    err = capfd.readouterr().err
+    assert f"skipping damaged checkpoint {ck / 'step_00000007'}" in err
+    assert f"skipping damaged checkpoint {ck / 'step_00000006'}" in err
+
+    # resume from step 4 and finish: same losses as the uninterrupted run; the damaged
+    # checkpoints are replaced by good ones
+    (run / "metrics.jsonl").write_text(
+        "".join(
+            json.dumps({"step": s, "loss": v}) + "\n"
+            for s, v in losses(baseline_run()).items()
+            if s <= 4
+        )
+    )
+    train_in_process(config(), run, resume="auto")
+    err = capfd.readouterr().err
+    assert f"[resume] from {ck / 'step_00000004'} (step 4)" in err
+    assert losses(run) == losses(baseline_run())
+    assert checkpoint_problem(ck / "step_00000007") is None
+    assert checkpoint_problem(ck / "step_00000006") is None
+    assert (ck / "latest").read_text().strip() == "step_00000007"
+    assert not list(ck.glob("*.old-*")) and not list(ck.glob("*.tmp-*"))
+
+
+def test_resume_path_to_damaged_checkpoint_is_an_error(tmp_path):
+    import pytest
+
+    c = tmp_path / "step_00000002"
+    shutil.copytree(baseline_run() / "checkpoints" / "step_00000002", c)
+    (c / "rng_rank0.pt").unlink()
+    with pytest.raises(
+        FileNotFoundError, match=r"step_00000002 cannot be loaded: rng_rank0.pt is missing"
+    ):
+        resolve_checkpoint(c)

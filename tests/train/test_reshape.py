@@ -1,0 +1,109 @@
+"""Reshaping across expert-parallel sizes, optimizer state included: a checkpoint saved with
+EP=1 on 1 process resumes with EP=2 on 2 gloo processes (reshaped on load), and one saved with
+EP=2 on 2 processes resumes with EP=1 on 1 process (through `sigma-moe convert-checkpoint`).
+The 5 steps after the load match the run that was not reshaped (fp32; the reduction order
+differs, hence a tolerance)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _ckpt_util import (
+    BASE_SETS,
+    PY,
+    REPO,
+    baseline_run,
+    config,
+    losses,
+    subprocess_env,
+    train_in_process,
+)
+
+from sigma_moe import cli
+from sigma_moe.train.checkpoint import read_meta
+from sigma_moe.train.reshape import consolidate
+
+pytestmark = pytest.mark.distributed
+TOL = 2e-4  # |Δloss| allowed after a reshape (fp32, other reduction order)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(run: Path, *extra: str) -> None:
+    sets = [a for s in BASE_SETS + ["parallel.ep_size=2"] for a in ("--set", s)]
+    cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+           "--master_port", str(_free_port()), "-m", "sigma_moe.cli", "train",
+           str(REPO / "configs" / "test-tiny.yaml"), "--out", str(run), *sets, *extra]  # fmt: skip
+    r = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                       timeout=900)  # fmt: skip
+    sys.stderr.write(r.stderr[-3000:])
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def _close(got: dict[int, float], want: dict[int, float], steps) -> float:
+    diff = max(abs(got[s] - want[s]) for s in steps)
+    print(f"reshape: steps {list(steps)} max |dloss| = {diff:.3g}")
+    assert diff < TOL, {s: (want[s], got[s]) for s in steps}
+    return diff
+
+
+_EP2: dict[str, Path] = {}
+
+
+def _ep2_run(tmp_path_factory) -> Path:
+    if "dir" not in _EP2:
+        run = tmp_path_factory.mktemp("ep2") / "run"
+        _torchrun(run)
+        _EP2["dir"] = run
+    return _EP2["dir"]
+
+
+def test_reshape_ep1_to_ep2_on_load(tmp_path):
+    base = baseline_run()
+    run = tmp_path / "run"
+    _torchrun(run, "--resume", str(base / "checkpoints" / "step_00000002"))
+    got, want = losses(run), losses(base)
+    assert sorted(got) == [3, 4, 5, 6, 7]
+    _close(got, want, range(3, 8))
+    meta = read_meta(run / "checkpoints" / "step_00000007")
+    assert meta["ep_size"] == 2 and meta["world_size"] == 2
+    assert len(list((run / "checkpoints" / "step_00000007").glob("layer_0_expert_*"))) == 2
+
+
+def test_reshape_ep2_to_ep1_with_convert_checkpoint(tmp_path_factory, tmp_path):
+    ep2 = _ep2_run(tmp_path_factory)
+    src = ep2 / "checkpoints" / "step_00000002"
+    out = tmp_path / "ep1-step2"
+    assert cli.main(["convert-checkpoint", str(src), str(out), "--ep-size", "1"]) == 0
+    meta = read_meta(out)
+    assert meta["format"] == "universal" and meta["ep_size"] == 1 and meta["step"] == 2
+    # the layout-free state holds every expert and its Adam moments
+    full = consolidate(src)
+    name = "layers.0.moe.deepspeed_moe.experts.deepspeed_experts.0.w_gate_EDF"
+    assert full["fp32"][name].shape[0] == 8 and full["optim"][name]["exp_avg"].shape[0] == 8
+    assert torch.equal(full["fp32"][name], full["module"][name])
+
+    run = tmp_path / "run"
+    train_in_process(config(), run, resume=str(out))
+    got, want = losses(run), losses(ep2)
+    assert sorted(got) == [3, 4, 5, 6, 7]
+    _close(got, want, range(3, 8))
+
+
+def test_reshape_ep2_to_ep1_on_load_matches_convert(tmp_path_factory, tmp_path):
+    """The same EP=2 checkpoint, reshaped on load without converting first."""
+    ep2 = _ep2_run(tmp_path_factory)
+    run = tmp_path / "run"
+    train_in_process(config(), run, resume=str(ep2 / "checkpoints" / "step_00000006"))
+    got, want = losses(run), losses(ep2)
+    assert sorted(got) == [7]
+    _close(got, want, [7])
