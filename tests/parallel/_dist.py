@@ -19,7 +19,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, fn, world_size: int, port: int, deepspeed_comm: bool, args: tuple) -> None:
+def _entry(rank: int, fn, world_size: int, port: int, init: str, args: tuple) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -30,27 +30,30 @@ def _entry(rank: int, fn, world_size: int, port: int, deepspeed_comm: bool, args
         OMP_NUM_THREADS="1",
     )
     torch.set_num_threads(1)
-    if deepspeed_comm:
+    if init == "deepspeed":
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=90))
-    else:
+    elif init == "torch":
         dist.init_process_group(
             "gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=90)
         )
     try:
         fn(rank, world_size, *args)
     finally:
-        dist.barrier()
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
 
 
-def run_distributed(fn, world_size: int, *args, deepspeed_comm: bool = False) -> None:
-    """Run `fn(rank, world_size, *args)` in `world_size` fresh gloo processes; a failure in any
-    process fails the call (the others are terminated)."""
+def run_distributed(fn, world_size: int, *args, init: str = "torch") -> None:
+    """Run `fn(rank, world_size, *args)` in `world_size` fresh processes; a failure in any
+    process fails the call (the others are terminated). `init`: "torch" (a gloo process group),
+    "deepspeed" (deepspeed.init_distributed on gloo) or "none" (only RANK, WORLD_SIZE,
+    MASTER_ADDR/PORT... in the environment, as a launcher sets them)."""
     mp.spawn(
         _entry,
-        args=(fn, world_size, free_port(), deepspeed_comm, args),
+        args=(fn, world_size, free_port(), init, args),
         nprocs=world_size,
         join=True,
     )
