@@ -1,0 +1,167 @@
+"""The trainer's Rho-1 hook-up: one callback that owns the scorer and the selection.
+
+``Rho1Callback(cfg, out_dir, world)`` is added to the trainer's callbacks when
+``rho1.mode != "none"``. On ``on_train_start`` it starts a ``ScorerSupervisor`` (the side process
+on local rank 0 of each node, followers on the node's other ranks; or inline / prefilled) and
+installs three functions on the trainer (``sigma_moe.train.loop.Trainer``):
+
+- ``trainer.ref_losses(batch) -> ref_loss_BS`` (float32, CPU): waits (bounded) for the batch's
+  rows; every rank agrees on success, so a scorer failure raises ``ScorerError`` on all ranks at
+  the same call (no rank is left blocked in a collective);
+- ``trainer.weight_sum(n_valid[dp, accum]) -> float``: Σ token weights of the global batch from
+  the valid-token counts alone (the loss denominator, before any forward);
+- ``trainer.token_weights(ce_BS, batch, valid_BS) -> (weights_BS, metrics)``: the selection for
+  one micro-batch (threshold over the micro-batch, or over the data-parallel group in the same
+  micro-step with ``rho1.threshold_scope=global``) and the step's selection metrics so far
+  (``selected_frac``, ``selected_frac/<domain>``, ``excess_loss_selected``,
+  ``excess_loss_rejected``, ``scorer_wait_s``; this rank's micro-batches).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sigma_moe.rho1.scorer import ScorerError, ScorerSupervisor
+from sigma_moe.rho1.selection import (
+    merge_stats,
+    metrics_from_stats,
+    selection_stats,
+    token_weights,
+    weight_sum,
+)
+
+
+def default_store_path(cfg, out_dir: str | os.PathLike) -> Path:
+    return Path(cfg.rho1.store) if cfg.rho1.store else Path(out_dir) / "ref_store"
+
+
+def _node_ranks(world) -> list[int] | None:
+    lws = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE")
+    if lws is None:
+        return None if world.rank == world.local_rank else [world.rank]
+    first = world.rank - world.local_rank
+    return list(range(first, first + int(lws)))
+
+
+class Rho1Callback:
+    def __init__(
+        self, cfg, out_dir: str | os.PathLike, world=None, *, num_threads: int | None = None
+    ):
+        self.cfg, self.out_dir, self.world = cfg, Path(out_dir), world
+        self.r = cfg.rho1
+        self.num_threads = num_threads or int(os.environ.get("SIGMA_MOE_SCORER_THREADS", "1"))
+        self.sup: ScorerSupervisor | None = None
+        self._stats: dict[str, float] = {}
+        self._stats_step = -1
+        self._wait_step = 0.0
+        self._group = None
+        self._domain_names: list[str] = []
+
+    # ------------------------------------------------------------------ hooks
+
+    def on_train_start(self, trainer) -> None:
+        if self.r.mode == "none":
+            return
+        import torch.distributed as dist
+
+        if self.world is None:
+            self.world = trainer.world
+        dp = trainer.dp
+        if self.r.threshold_scope == "global" and dp > 1:
+            self._group = dist.group.WORLD
+        spawn = self.world.local_rank == 0
+        self.sup = ScorerSupervisor(
+            self.cfg,
+            default_store_path(self.cfg, self.out_dir),
+            dataset=trainer.train_ds,
+            dp=dp,
+            ranks=_node_ranks(self.world) if dp > 1 else None,
+            num_threads=self.num_threads,
+            spawn=spawn,
+        )
+        self._domain_names = list(trainer.train_ds.domain_names)
+        self.sup.advance(trainer.state.consumed_samples)
+        self._agree(self.sup.start)
+        trainer.ref_losses = lambda b: self._ref_losses(trainer, b)
+        trainer.weight_sum = self._weight_sum
+        trainer.token_weights = lambda ce, b, v: self._token_weights(trainer, ce, b, v)
+
+    def on_step_end(self, trainer, m) -> None:
+        if self.sup is not None:
+            # Let the scorer move on while the trainer logs / evaluates / checkpoints.
+            self.sup.advance(trainer.state.consumed_samples)
+            trainer.state.extra["scorer"] = self.sup.status()
+
+    def on_train_end(self, trainer, last) -> None:
+        if self.sup is not None:
+            trainer.state.extra["scorer"] = self.sup.status()
+            self.sup.close()
+            self.sup = None
+
+    # ------------------------------------------------------------------ functions
+
+    def _agree(self, fn, *args):
+        """Run fn on every rank; if it fails anywhere, raise ScorerError everywhere."""
+        import torch.distributed as dist
+
+        err: BaseException | None = None
+        out = None
+        try:
+            out = fn(*args)
+        except ScorerError as e:
+            err = e
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            ok = torch.tensor([0.0 if err else 1.0])
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+            if float(ok) == 0.0 and err is None:
+                err = ScorerError("the Rho-1 scorer failed on another rank (see its log)")
+        if err is not None:
+            raise err
+        return out
+
+    def _ref_losses(self, trainer, b) -> torch.Tensor:
+        step = trainer.state.step
+        if step != self._stats_step:
+            self._stats, self._stats_step, self._wait_step = {}, step, 0.0
+        keys = list(zip(b["domain"].tolist(), b["sample_index"].tolist()))
+        rows = self._agree(self.sup.wait_for, keys, None, trainer.state.consumed_samples)
+        self._wait_step += self.sup.last_wait_s
+        return rows
+
+    def _weight_sum(self, n_all) -> float:
+        """n_all: [dp, accum] valid-token counts of the global batch."""
+        n = torch.as_tensor(n_all, dtype=torch.float64).reshape(-1, n_all.shape[-1])
+        kw = dict(
+            mode=self.r.mode, ratio=self.r.select_ratio, unselected_weight=self.r.unselected_weight
+        )
+        if self._group is not None:
+            return float(sum(weight_sum(int(c), **kw) for c in n.sum(dim=0).tolist()))
+        return float(sum(weight_sum(int(c), **kw) for c in n.reshape(-1).tolist()))
+
+    def _token_weights(self, trainer, ce_BS, b, valid_BS) -> tuple[torch.Tensor, dict[str, Any]]:
+        ref_BS = b["ref_loss"].to(ce_BS.device, torch.float32)
+        w, sel = token_weights(
+            ce_BS,
+            ref_BS,
+            valid_BS,
+            mode=self.r.mode,
+            ratio=self.r.select_ratio,
+            unselected_weight=self.r.unselected_weight,
+            group=self._group,
+            return_selected=True,
+        )
+        excess = ce_BS.detach().float() - ref_BS
+        st = selection_stats(sel.cpu(), valid_BS.cpu(), excess.cpu(), b["domain"].cpu())
+        self._stats = merge_stats(self._stats, st)
+        m = {
+            k: v
+            for k, v in metrics_from_stats(self._stats, self._domain_names).items()
+            if v == v  # drop NaN (e.g. no rejected token at select_ratio=1)
+        }
+        m["scorer_wait_s"] = self._wait_step
+        m["scorer_restarts"] = self.sup.restarts if self.sup is not None else 0
+        return w.to(ce_BS.dtype), m
