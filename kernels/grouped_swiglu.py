@@ -220,7 +220,8 @@ def _bwd_torch(dy_ND, xp, counts_E, wg_EDF, wu_EDF, wd_EFD, hg, hu, dest):
             dyp[sl].view(n, cap, D), wd_EFD[e0:e1].transpose(1, 2), out=dA[sl].view(n, cap, Fdim)
         )
     # SwiGLU backward over all rows at once (fp32 math for low-precision inputs)
-    hg32, hu32, dA32 = hg.float(), hu.float(), dA.float()
+    acc = torch.promote_types(hg.dtype, torch.float32)
+    hg32, hu32, dA32 = hg.to(acc), hu.to(acc), dA.to(acc)
     sg = torch.sigmoid(hg32)
     silu = hg32 * sg
     a = (silu * hu32).to(hg.dtype)
@@ -289,7 +290,8 @@ def _bwd_torch_loop(dy_ND, x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD, hg_NF, hu_NF)
         if n:
             torch.mm(dy_ND[s : s + n], wd_EFD[e].t(), out=dA_NF[s : s + n])
             s += n
-    hg, hu, dA = hg_NF.float(), hu_NF.float(), dA_NF.float()
+    acc = torch.promote_types(hg_NF.dtype, torch.float32)
+    hg, hu, dA = hg_NF.to(acc), hu_NF.to(acc), dA_NF.to(acc)
     sg = torch.sigmoid(hg)
     silu = hg * sg
     a_NF = (silu * hu).to(x_ND.dtype)
@@ -472,6 +474,7 @@ if HAS_TRITON:
         dy2_ptr,
         dw_ptr,
         dw2_ptr,
+        eid_ptr,
         off_ptr,
         cnt_ptr,
         K,
@@ -485,7 +488,7 @@ if HAS_TRITON:
         BLOCK_R: tl.constexpr,
     ):
         """dW[e] = X[rows of e]^T @ dY[rows of e]  (and dW2[e] with dY2, sharing X loads)."""
-        e = tl.program_id(0)
+        e = tl.load(eid_ptr + tl.program_id(0))
         pid_k = tl.program_id(1)
         pid_n = tl.program_id(2)
         r0 = tl.load(off_ptr + e)
@@ -533,8 +536,8 @@ _BLOCK_R = 32  # rows per step of the weight-grad reduction (a dot dimension too
 def _schedule(counts_E: Tensor, N: int, block_m: int):
     """Device-side tile table: tile i -> (expert, first row, end row); no host sync.
 
-    The grid is the static upper bound ceil(N/BM)+E; tiles past the real count get r0 == r1
-    and exit immediately.
+    On CUDA the grid is the static upper bound ceil(N/BM)+E; tiles past the real count get
+    r0 == r1 and exit immediately.
     """
     counts = counts_E.to(torch.int64)
     E = counts.shape[0]
@@ -542,7 +545,10 @@ def _schedule(counts_E: Tensor, N: int, block_m: int):
     offs = ends - counts
     tiles_e = (counts + block_m - 1) // block_m
     tile_end = torch.cumsum(tiles_e, 0)
-    n_tiles = triton.cdiv(N, block_m) + E
+    if counts.is_cuda:
+        n_tiles = triton.cdiv(N, block_m) + E  # static bound: no host sync on the GPU path
+    else:  # interpreter: a sync is free, and every empty program costs interpreter time
+        n_tiles = int(tile_end[-1])
     tid = torch.arange(n_tiles, device=counts.device)
     te = torch.searchsorted(tile_end, tid, right=True).clamp_(max=E - 1)
     valid = tid < tile_end[-1]
@@ -609,6 +615,10 @@ def _bwd_triton(dy_ND, x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD, hg_NF, hu_NF):
     if N == 0:
         return dx, dwg, dwu, dwd
     te, r0, r1, offs, counts, n_tiles = _schedule(counts_E, N, _BLOCK_M)
+    # weight-grad programs: every expert on CUDA (no sync; empty ones store zeros), only the
+    # non-empty ones in the interpreter (dW starts at zero)
+    eids = torch.arange(E, device=x_ND.device) if x_ND.is_cuda else counts.nonzero().flatten()
+    n_e = E if x_ND.is_cuda else eids.numel()
     dot32 = _dot_fp32(x_ND)
     dhg = torch.empty_like(hg_NF)
     dhu = torch.empty_like(hg_NF)
@@ -628,13 +638,13 @@ def _bwd_triton(dy_ND, x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD, hg_NF, hu_NF):
         BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K,
     )  # fmt: skip
     # dWg[e] = X^T dHg, dWu[e] = X^T dHu (shared X loads);  dWd[e] = A^T dY
-    _gmm_wgrad_kernel[(E, triton.cdiv(D, _BLOCK_K), triton.cdiv(Fdim, _BLOCK_N))](
-        x_ND, dhg, dhu, dwg, dwu, offs, counts, D, Fdim, x_ND.stride(0), dhg.stride(0),
+    _gmm_wgrad_kernel[(n_e, triton.cdiv(D, _BLOCK_K), triton.cdiv(Fdim, _BLOCK_N))](
+        x_ND, dhg, dhu, dwg, dwu, eids, offs, counts, D, Fdim, x_ND.stride(0), dhg.stride(0),
         HAS_SECOND=True, DOT_FP32=dot32,
         BLOCK_K=_BLOCK_K, BLOCK_N=_BLOCK_N, BLOCK_R=_BLOCK_R,
     )  # fmt: skip
-    _gmm_wgrad_kernel[(E, triton.cdiv(Fdim, _BLOCK_K), triton.cdiv(D, _BLOCK_N))](
-        a, dy_ND, dy_ND, dwd, dwd, offs, counts, Fdim, D, a.stride(0), dy_ND.stride(0),
+    _gmm_wgrad_kernel[(n_e, triton.cdiv(Fdim, _BLOCK_K), triton.cdiv(D, _BLOCK_N))](
+        a, dy_ND, dy_ND, dwd, dwd, eids, offs, counts, Fdim, D, a.stride(0), dy_ND.stride(0),
         HAS_SECOND=False, DOT_FP32=dot32,
         BLOCK_K=_BLOCK_K, BLOCK_N=_BLOCK_N, BLOCK_R=_BLOCK_R,
     )  # fmt: skip

@@ -40,22 +40,28 @@ def permute_reference(x_TD: Tensor, experts_TK: Tensor):
     _check_permute(x_TD, experts_TK)
     T, k = experts_TK.shape
     flat = experts_TK.reshape(-1)
-    rows, row_map = [], torch.empty(T * k, dtype=torch.int64, device=x_TD.device)
-    r = 0
-    for e in torch.unique(flat).tolist():
-        for i in (flat == e).nonzero().flatten().tolist():
-            rows.append(x_TD[i // k])
-            row_map[i] = r
-            r += 1
-    x_sorted = torch.stack(rows) if rows else x_TD.new_empty(0, x_TD.shape[1])
+    row_map = torch.empty(T * k, dtype=torch.int64, device=x_TD.device)
+    chunks, r = [], 0
+    for e in torch.unique(flat).tolist():  # ascending experts
+        pairs = (flat == e).nonzero().flatten()  # ascending t*k+slot: stable
+        chunks.append(x_TD[torch.div(pairs, k, rounding_mode="floor")])
+        row_map[pairs] = torch.arange(r, r + pairs.numel(), device=x_TD.device)
+        r += pairs.numel()
+    x_sorted = torch.cat(chunks) if chunks else x_TD.new_empty(0, x_TD.shape[1])
     return x_sorted, row_map
 
 
 def unpermute_reference(y_ND: Tensor, row_map_N: Tensor, weights_TK: Tensor):
     _check_unpermute(y_ND, row_map_N, weights_TK)
     T, k = weights_TK.shape
-    y_TKD = y_ND[row_map_N].reshape(T, k, -1).float()
-    return (weights_TK.float().unsqueeze(-1) * y_TKD).sum(1).to(y_ND.dtype)
+    acc = _acc_dtype(y_ND.dtype)
+    y_TKD = y_ND[row_map_N].reshape(T, k, -1).to(acc)
+    return (weights_TK.to(acc).unsqueeze(-1) * y_TKD).sum(1).to(y_ND.dtype)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for 16-bit inputs, the input dtype otherwise (float64 stays float64)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _check_permute(x_TD: Tensor, experts_TK: Tensor) -> None:
@@ -132,7 +138,8 @@ def _combine_torch(y_ND: Tensor, row_map_N: Tensor, weights_TK: Tensor | None, T
             return y_NpD.mul_(weights_TK)
         # bmm [T,1,k] @ [T,k,D]: one fused multiply-add pass, no [T,k,D] temporary
         return torch.bmm(weights_TK.unsqueeze(1), y_NpD.view(T, k, D)).view(T, D)
-    out = (weights_TK.float().unsqueeze(-1) * y_NpD.view(T, k, D).float()).sum(1)
+    acc = _acc_dtype(y_ND.dtype)
+    out = (weights_TK.to(acc).unsqueeze(-1) * y_NpD.view(T, k, D).to(acc)).sum(1)
     return out.to(y_ND.dtype)
 
 
@@ -140,9 +147,10 @@ def _unpermute_bwd_torch(grad_TD: Tensor, y_ND: Tensor, row_map_N: Tensor, weigh
     T, k = weights_TK.shape
     D = y_ND.shape[1]
     y_TKD = y_ND.index_select(0, row_map_N).view(T, k, D)
-    g32 = grad_TD.float()
-    grad_w_TK = torch.bmm(y_TKD.float(), g32.unsqueeze(-1)).view(T, k).to(weights_TK.dtype)
-    grad_pairs = (weights_TK.float().unsqueeze(-1) * g32.unsqueeze(1)).view(T * k, D)
+    acc = _acc_dtype(y_ND.dtype)
+    g32 = grad_TD.to(acc)
+    grad_w_TK = torch.bmm(y_TKD.to(acc), g32.unsqueeze(-1)).view(T, k).to(weights_TK.dtype)
+    grad_pairs = (weights_TK.to(acc).unsqueeze(-1) * g32.unsqueeze(1)).view(T * k, D)
     grad_y_ND = torch.empty_like(y_ND)
     grad_y_ND.index_copy_(0, row_map_N, grad_pairs.to(y_ND.dtype))
     return grad_y_ND, grad_w_TK

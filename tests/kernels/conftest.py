@@ -1,0 +1,42 @@
+"""Fixtures for the kernel tier: one `backend` parameter runs every test on each backend.
+
+* "torch"     -- always.
+* "interpret" -- the Triton kernels in Triton's interpreter; needs TRITON_INTERPRET=1 in the
+                 environment before triton is first imported (the kernel CI command sets it for
+                 the whole run), skipped otherwise.
+* "triton"    -- marked `gpu`; skipped without CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+BACKENDS = [
+    "torch",
+    "interpret",
+    pytest.param("triton", marks=pytest.mark.gpu),
+]
+
+INTERPRET_SKIP = (
+    "backend 'interpret' runs the Triton kernels in Triton's interpreter and needs "
+    "TRITON_INTERPRET=1 set before triton is imported: run this tier as "
+    "`TRITON_INTERPRET=1 pytest tests/kernels`"
+)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    be = request.param
+    if be == "interpret" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip(INTERPRET_SKIP)
+    if be == "triton" and not torch.cuda.is_available():
+        pytest.skip("backend 'triton' needs a CUDA device")
+    return be
+
+
+@pytest.fixture
+def device(backend) -> torch.device:
+    return torch.device("cuda" if backend == "triton" else "cpu")
