@@ -60,12 +60,16 @@ class Rho1Callback:
         self._wait_step = 0.0
         self._group = None
         self._domain_names: list[str] = []
+        self.run_stats: dict[str, float] = {}  # whole-run sums (this rank)
 
     # ------------------------------------------------------------------ hooks
 
     def on_train_start(self, trainer) -> None:
         if self.r.mode == "none":
             return
+        if getattr(trainer, "_rho1_callback", None) not in (None, self):
+            return  # another Rho1Callback already serves this trainer (idempotent wiring)
+        trainer._rho1_callback = self
         import torch.distributed as dist
 
         if self.world is None:
@@ -97,10 +101,28 @@ class Rho1Callback:
             trainer.state.extra["scorer"] = self.sup.status()
 
     def on_train_end(self, trainer, last) -> None:
-        if self.sup is not None:
-            trainer.state.extra["scorer"] = self.sup.status()
-            self.sup.close()
-            self.sup = None
+        if self.sup is None:
+            return
+        trainer.state.extra["scorer"] = self.sup.status()
+        self.sup.close()
+        self.sup = None
+        if self.run_stats:
+            import json
+
+            totals = metrics_from_stats(self.run_stats, self._domain_names)
+            doc = {
+                "rank": self.world.rank,
+                "note": "this rank's micro-batches since the run (re)started",
+                "metrics": {k: (None if v != v else v) for k, v in totals.items()},
+                "counts": self.run_stats,
+                "domain_names": self._domain_names,
+            }
+            name = (
+                "rho1_selection.json"
+                if self.world.rank == 0
+                else f"rho1_selection.rank{self.world.rank}.json"
+            )
+            (self.out_dir / name).write_text(json.dumps(doc, indent=1))
 
     # ------------------------------------------------------------------ functions
 
@@ -157,6 +179,7 @@ class Rho1Callback:
         excess = ce_BS.detach().float() - ref_BS
         st = selection_stats(sel.cpu(), valid_BS.cpu(), excess.cpu(), b["domain"].cpu())
         self._stats = merge_stats(self._stats, st)
+        self.run_stats = merge_stats(self.run_stats, st)
         m = {
             k: v
             for k, v in metrics_from_stats(self._stats, self._domain_names).items()
