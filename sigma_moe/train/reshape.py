@@ -130,6 +130,23 @@ def _base_optimizer(engine):
     return getattr(opt, "optimizer", opt)
 
 
+def _ensure_zero_optimizer_state(zopt, base, step_val: float) -> None:
+    """ZeRO 1/2 create Adam's state at the first step; a reshaped load happens before it, so
+    create it (zeros, overwritten next) and let DeepSpeed link each parameter's fragment."""
+    flats = getattr(zopt, "single_partition_of_fp32_groups", None)
+    if flats is None:
+        return
+    for flat in flats:
+        st = base.state[flat]
+        if "exp_avg" not in st:
+            st["step"] = torch.tensor(step_val, dtype=torch.float32, device=flat.device)
+            st["exp_avg"] = torch.zeros_like(flat)
+            st["exp_avg_sq"] = torch.zeros_like(flat)
+    if hasattr(zopt, "_lazy_init_hp_params_optimizer_state"):
+        zopt._hp_optimizer_states_linked = False
+        zopt._lazy_init_hp_params_optimizer_state()
+
+
 def load_reshaped(trainer, ckpt: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """Load a checkpoint of any EP/DP layout (or a converted one) into `trainer.engine`:
     weights, fp32 master weights and Adam moments (each rank its own slice), Adam's step.
@@ -146,6 +163,7 @@ def load_reshaped(trainer, ckpt: Path, meta: dict[str, Any]) -> dict[str, Any]:
     base = _base_optimizer(engine)
     plain = {id(p) for g in base.param_groups for p in g["params"]}  # ZeRO-0: params themselves
     step_val = max(state["step"].values()) if state["step"] else 0.0
+    _ensure_zero_optimizer_state(engine.optimizer, base, step_val)
     for name, p in model.named_parameters():
         key = _strip(name)
         if key not in state["module"]:

@@ -56,6 +56,24 @@ def _close(got: dict[int, float], want: dict[int, float], steps) -> float:
     return diff
 
 
+class _StateCheck:
+    """After the reshaped load: every weight, fp32 master and Adam moment equals the source's."""
+
+    def __init__(self, full):
+        self.full, self.checked = full, 0
+
+    def on_train_start(self, trainer):
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        for n, p in trainer.model.named_parameters():
+            assert torch.equal(p.detach(), self.full["module"][n]), n
+            assert torch.equal(safe_get_full_fp32_param(p), self.full["fp32"][n]), n
+            for k in ("exp_avg", "exp_avg_sq"):
+                got = safe_get_full_optimizer_state(p, k)
+                assert torch.equal(got, self.full["optim"][n][k]), (n, k)
+            self.checked += 1
+
+
 _EP2: dict[str, Path] = {}
 
 
@@ -93,7 +111,9 @@ def test_reshape_ep2_to_ep1_with_convert_checkpoint(tmp_path_factory, tmp_path):
     assert torch.equal(full["fp32"][name], full["module"][name])
 
     run = tmp_path / "run"
-    train_in_process(config(), run, resume=str(out))
+    check = _StateCheck(full)
+    train_in_process(config(), run, resume=str(out), extra_callbacks=[check])
+    assert check.checked == len(full["module"])
     got, want = losses(run), losses(ep2)
     assert sorted(got) == [3, 4, 5, 6, 7]
     _close(got, want, range(3, 8))
