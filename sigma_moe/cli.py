@@ -169,6 +169,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"sigma-moe {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        # A run stopped on purpose (NaN policy, scorer) or a checkpoint that could not be
+        # written: the message names the checkpoint to resume from; no traceback needed.
+        if type(e).__name__ not in ("TrainingStopped", "CheckpointError") or os.environ.get(
+            "SIGMA_MOE_TRACEBACK"
+        ):
+            raise
+        print(f"sigma-moe {args.command}: stopped: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
