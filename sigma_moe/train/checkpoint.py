@@ -522,6 +522,27 @@ class Checkpointer:
         self.last_saved = trainer.state.step
         if self.world.is_main:
             _log(f"[resume] from {ckpt} (step {trainer.state.step})")
+            self._trim_metrics(trainer.state.step)
+
+    def _trim_metrics(self, step: int) -> None:
+        """Drop metrics.jsonl lines of steps after the resume point (a killed run logged them;
+        they are trained again and re-logged), so every step appears once."""
+        path = self.root.parent / "metrics.jsonl"
+        if not path.is_file():
+            return
+        keep, dropped = [], 0
+        for line in path.read_text().splitlines(keepends=True):
+            try:
+                late = json.loads(line).get("step", 0) > step
+            except (json.JSONDecodeError, AttributeError):
+                late = True  # a line cut short by the kill
+            if late:
+                dropped += 1
+            else:
+                keep.append(line)
+        if dropped:
+            _write_atomic(path, "".join(keep))
+            _log(f"[resume] metrics.jsonl: dropped {dropped} line(s) after step {step}")
 
     # ---------------------------------------------------------------- save
 

@@ -25,7 +25,7 @@ from _ckpt_util import (
 )
 
 from sigma_moe import cli
-from sigma_moe.train.checkpoint import read_meta
+from sigma_moe.train.checkpoint import load_model_for_inference, read_meta
 from sigma_moe.train.reshape import consolidate
 
 pytestmark = pytest.mark.distributed
@@ -109,6 +109,9 @@ def test_reshape_ep2_to_ep1_with_convert_checkpoint(tmp_path_factory, tmp_path):
     name = "layers.0.moe.deepspeed_moe.experts.deepspeed_experts.0.w_gate_EDF"
     assert full["fp32"][name].shape[0] == 8 and full["optim"][name]["exp_avg"].shape[0] == 8
     assert torch.equal(full["fp32"][name], full["module"][name])
+
+    model, _, _ = load_model_for_inference(out)  # `eval` / `generate` read it too
+    assert model.layers[0].moe.experts.w_gate_EDF.shape[0] == 8
 
     run = tmp_path / "run"
     check = _StateCheck(full)
