@@ -148,4 +148,25 @@ if [[ "$DRY_RUN" == 1 ]]; then
   exit 0
 fi
 echo "pretrain.sh: $DEVICE, $NPROC process(es) per node: ${CMD[*]}" >&2
-exec "${CMD[@]}"
+if ! command -v setsid >/dev/null 2>&1; then
+  exec "${CMD[@]}"
+fi
+# The launcher and every rank run in their own process group, and a SIGTERM/SIGINT sent to this
+# script (scheduler, `kill`, `timeout`, Ctrl-C) goes to all of them at once: each rank finishes
+# its step and checkpoints. (Sent to DeepSpeed's runner alone, SIGTERM would kill only the runner
+# and orphan the ranks; its launch.py forwards to one rank at a time.)
+setsid "${CMD[@]}" &
+CHILD=$!
+forward() { kill -s "$1" -- "-$CHILD" 2>/dev/null || kill -s "$1" "$CHILD" 2>/dev/null || true; }
+trap 'forward TERM' TERM
+trap 'forward INT' INT
+trap 'forward HUP' HUP
+STATUS=0
+while true; do
+  wait "$CHILD" && STATUS=0 || STATUS=$?
+  kill -0 "$CHILD" 2>/dev/null || break  # wait returned because of a trapped signal: keep waiting
+done
+# The runner can exit before the ranks it started (e.g. killed by the forwarded signal while
+# they still write their checkpoint): return only when the whole process group is gone.
+while kill -0 -- "-$CHILD" 2>/dev/null; do sleep 1; done
+exit "$STATUS"
