@@ -56,10 +56,14 @@ def ep_rank_for(
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The user's model inside a DeepSpeed engine (or the model itself)."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
+    """The user's model inside a DeepSpeed engine and/or torch.compile (or the model itself)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "module", None)  # DeepSpeedEngine, DDP
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
 
 
 def moe_layers(model: nn.Module) -> list[nn.Module]:
