@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sigma_moe.model.config import SigmaMoEConfig
+
+
+@functools.cache
+def _flash_attn_func():
+    """flash-attn's kernel when the optional `gpu` extra is installed, else None (torch SDPA)."""
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError:
+        return None
+    return flash_attn_func
 
 
 class RMSNorm(nn.Module):
@@ -69,6 +81,12 @@ class Attention(nn.Module):
         v = self.v_proj(x_BSD).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [B, H, S, d]
+        if attn_mask_BSS is None and q.is_cuda and _flash_attn_func() is not None:
+            # flash-attn (the `gpu` extra) takes [B, S, H, d] and handles GQA itself.
+            y = _flash_attn_func()(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True
+            )
+            return self.o_proj(y.reshape(B, S, self.n_heads * self.head_dim))
         if attn_mask_BSS is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
