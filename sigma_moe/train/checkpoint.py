@@ -435,7 +435,7 @@ class Checkpointer:
                 err = str(e)
         choice, err = _broadcast((choice, err))
         if choice is None:
-            if self.resume == "auto":
+            if self.resume == "auto" and not list_checkpoints(self.root):
                 if self.world.is_main:
                     _log(f"[resume] no complete checkpoint under {self.root}; starting fresh")
                 return

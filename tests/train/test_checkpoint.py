@@ -86,3 +86,14 @@ def test_resume_path_to_damaged_checkpoint_is_an_error(tmp_path):
         FileNotFoundError, match=r"step_00000002 cannot be loaded: rng_rank0.pt is missing"
     ):
         resolve_checkpoint(c)
+
+
+def test_every_checkpoint_damaged_is_an_error_not_a_fresh_start(tmp_path):
+    import pytest
+
+    ck = tmp_path / "checkpoints"
+    shutil.copytree(baseline_run() / "checkpoints" / "step_00000002", ck / "step_00000002")
+    (ck / "step_00000002" / META).unlink()
+    (ck / "step_00000004.tmp-123").mkdir()  # an interrupted save is not a candidate
+    with pytest.raises(FileNotFoundError, match=r"no loadable checkpoint under .*every candidate"):
+        resolve_checkpoint(ck)
