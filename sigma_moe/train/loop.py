@@ -152,6 +152,7 @@ class Trainer:
         sel_metrics: dict[str, float] = {}
         dropped = 0
         bad_step = False
+        grad_norm0 = None
         for a, b in enumerate(batches):
             out = self.engine(
                 b["input_ids"],
@@ -200,6 +201,8 @@ class Trainer:
                 for g in self.engine.optimizer.param_groups:
                     g["lr"] = 0.0
             self.engine.backward(loss)
+            if a == len(batches) - 1 and self.cfg.parallel.zero_stage == 0:
+                grad_norm0 = self._grad_norm_stage0()
             self.engine.step()
             del out, loss
         if self.dp > 1:
@@ -212,6 +215,8 @@ class Trainer:
         dt = time.perf_counter() - t0
         tps = n_tokens / dt
         grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is None and self.cfg.parallel.zero_stage == 0:
+            grad_norm = grad_norm0
         m: dict[str, Any] = {
             "step": step + 1,
             "lm_loss": float(sums[0] / denom),
@@ -234,6 +239,23 @@ class Trainer:
             m[f"topk/{li}"] = k
         m.update(sel_metrics)
         return m
+
+    def _grad_norm_stage0(self) -> float:
+        """ZeRO-0 keeps no global grad norm: compute it from the reduced grads before the step.
+        Dense grads are identical on every rank; each expert's grad lives on world/ep_size ranks."""
+        dense = torch.zeros(1, dtype=torch.float64)
+        expert = torch.zeros(1, dtype=torch.float64)
+        for p in self.engine.module.parameters():
+            if p.grad is not None:
+                sq = p.grad.detach().double().pow(2).sum().cpu()
+                if getattr(p, "allreduce", True):
+                    dense += sq
+                else:
+                    expert += sq
+        if self.dp > 1:
+            dist.all_reduce(expert)
+            expert /= self.dp // self.cfg.parallel.ep_size
+        return float((dense + expert).sqrt())
 
     # ------------------------------------------------------------------ eval
 
