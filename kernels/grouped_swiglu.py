@@ -5,14 +5,15 @@ where, for expert e owning rows ``[off_e, off_e + n_e)`` (``off`` = exclusive cu
 ``tokens_per_expert_E``): ``y = (silu(x @ Wg[e]) * (x @ Wu[e])) @ Wd[e]``.  Experts with zero
 tokens are legal (their weight gradients are zero).  Gradients: x and all three weights.
 
-Saved for backward: the two pre-activations ``h_gate_NF`` and ``h_up_NF`` (2*N*F elements,
-i.e. 2*F/D of one activation row); ``silu(h_gate)*h_up`` is recomputed in backward (one cheap
-elementwise pass) instead of being saved, which keeps the layer's peak memory near a dense FFN.
+Saved for backward: x_sorted and the two pre-activations ``h_gate_NF`` and ``h_up_NF``;
+``silu(h_gate)*h_up`` is recomputed in backward (one cheap elementwise pass) instead of being
+saved, which keeps the layer's peak memory near a dense FFN's.
 
 Backends
-* torch: one host sync (``tokens_per_expert.tolist()``), then per-expert ``torch.mm`` into
-  slices of preallocated outputs (``out=``), with the SwiGLU elementwise work done once over all
-  N rows.  See ``_fwd_torch`` / ``_bwd_torch`` for the measured alternatives.
+* torch: one host sync (``tokens_per_expert.tolist()``), then "ranged bmm": contiguous ranges of
+  experts, each padded to its own largest expert, one ``torch.bmm`` per GEMM per range, written
+  into preallocated outputs (``out=``), manual backward.  See the comment above ``_plan`` for
+  the measured alternatives.
 * triton / interpret: grouped GEMM kernels driven by a device-side tile schedule (no host
   sync): tile i covers BLOCK_M rows of one expert; a fused gate+up kernel (two accumulators,
   SwiGLU epilogue), a generic grouped GEMM (used for the down projection, for dA with the
@@ -102,30 +103,35 @@ def _counts_list(counts_E: Tensor, N: int) -> list[int]:
 # torch backend (the fast CPU path)
 #
 # Why this design (measured on this 2-core EPYC VM, torch 2.13 CPU, 2 threads, T=4096 D=512
-# F=256 E=96 top-1 fp32, random routing: max expert load 63 rows, mean 43; numbers are minima of
-# repeated runs; full tables in docs/benchmarks/2026-11-23-cpu.md):
-#   * one torch.mm per expert (the obvious loop, "_loop" functions below; 9 GEMM calls per
-#     expert per step = 864 calls) costs ~4x the dense GEMM of the same FLOPs for the forward
-#     projections alone (97 ms vs 24 ms): each small call pays an OpenMP fork/join plus packing of
-#     a 512 KB weight panel for only ~43 rows, and the fork/joins are what suffers most when the
-#     two cores are shared.
-#   * one torch.bmm over [E, C, D] buffers padded to the largest expert runs at ~dense per-row
-#     speed (38 ms for 96*63 padded rows vs 24 ms dense for 4096) but wastes the padding
-#     (x1.48 rows here, and up to x E when one expert takes every token).
-#   * kept: "ranged bmm".  Experts are split into contiguous index ranges [e0, e1) (so the
-#     weights of a range are a view, never copied); each range is padded only to its own largest
-#     expert and run as one bmm per GEMM.  The split minimises
+# F=256 E=96 top-1 fp32, random routing: max expert load 63 rows, mean 43; full tables in
+# docs/benchmarks/2026-11-23-cpu.md, alternatives timed by `sigma-moe bench kernels`):
+#   * one torch.mm per expert (the obvious loop; 9 GEMM calls per expert per step = 864 calls)
+#     ran the forward projections at ~4x the time of one dense GEMM of the same FLOPs (97 ms vs
+#     24 ms): each small call pays an OpenMP fork/join and packs a 512 KB weight panel for only
+#     ~43 rows, and the fork/joins suffer most when the two cores are shared.
+#   * one torch.bmm over an [E, C, D] buffer padded to the largest expert runs at ~dense per-row
+#     speed (38 ms for 96*63 padded rows vs 24 ms dense for 4096 rows) but pays for the padding
+#     (x1.48 rows here, up to x E when one expert takes every token) in time and memory.
+#   * kept: "ranged bmm".  Experts are split into contiguous index ranges [e0, e1) (so a range's
+#     weights are a view, never a copy); each range is padded only to its own largest expert
+#     and runs as one bmm per GEMM.  The split minimises
 #         sum over ranges (ALPHA + (e1 - e0) * max count in range)
-#     (ALPHA = the cost of one extra call, in rows) by an O(E^2) dynamic programme done in numpy
-#     on the host counts (the single host sync). Everything stays in the padded layout between
-#     the GEMMs (padded rows are zero, so they contribute nothing to the weight gradients); x and
-#     dy are scattered into it once and y / dx gathered out once.
+#     (ALPHA = the cost of one more call, in rows) with an O(E^2) dynamic programme in numpy on
+#     the host counts (the single host sync).  Padding is per range and transient (a range
+#     whose experts all have the same count -- e.g. a one-expert range -- uses views, no copy),
+#     so what is saved for backward is compact: x_sorted, h_gate, h_up (N rows).  The SwiGLU
+#     backward runs per range too, so its temporaries are range-sized: this keeps the layer's
+#     peak memory near the dense FFN's (a whole-N elementwise backward cost ~+50 MB here).
 # ----------------------------------------------------------------------------------------------
 _ALPHA_ROWS = 48  # one more bmm range ~ 48 padded rows of work (see the benchmark docs)
+# A range's padded temporaries live only while it runs; capping a range at 1024 padded rows
+# bounds them to ~2 MB per D-wide buffer (a single 4,700-row range held ~46 MB of temporaries in
+# the SwiGLU backward and pushed the MoE layer's peak to 1.7x the dense FFN's).
+_MAX_RANGE_ROWS = 512
 
 
-def _plan(counts: list[int], alpha: int = _ALPHA_ROWS):
-    """Split experts into contiguous ranges; returns [(e0, e1, cap, row0_in_padded)], P."""
+def _plan(counts: list[int], alpha: int = _ALPHA_ROWS, max_rows: int = _MAX_RANGE_ROWS):
+    """Split experts into contiguous ranges; returns [(e0, e1, cap, padded_row0)], P."""
     import numpy as np
 
     c = np.asarray(counts, dtype=np.int64)
@@ -137,6 +143,9 @@ def _plan(counts: list[int], alpha: int = _ALPHA_ROWS):
         caps = np.maximum.accumulate(c[:j][::-1])[::-1]
         cost = best[:j] + alpha + (j - np.arange(j)) * caps
         cost = np.where(caps == 0, best[:j], cost)  # an all-empty range costs nothing
+        too_big = (j - np.arange(j)) * caps > max_rows
+        too_big[j - 1] = False  # a single expert is always allowed
+        cost = np.where(too_big, np.inf, cost)
         i = int(np.argmin(cost))
         best[j], arg[j] = cost[i], i
     ranges, j = [], E
@@ -152,106 +161,133 @@ def _plan(counts: list[int], alpha: int = _ALPHA_ROWS):
     return out, p
 
 
-def _pad_index(counts: list[int], plan, device) -> Tensor:
-    """dest_N[r] = row of sorted row r in the padded buffer."""
-    cap_e, base_e = [], []
-    for e0, e1, cap, p0 in plan:
-        for j in range(e1 - e0):
-            cap_e.append(cap)
-            base_e.append(p0 + j * cap)
-    counts_t = torch.tensor(counts, dtype=torch.int64)
-    offs = torch.cumsum(counts_t, 0) - counts_t
-    N = int(counts_t.sum())
-    expert_of_row = torch.repeat_interleave(torch.arange(len(counts)), counts_t, output_size=N)
-    dest = torch.tensor(base_e, dtype=torch.int64)[expert_of_row] + (
-        torch.arange(N) - offs[expert_of_row]
-    )
-    return dest.to(device)
+class _Range:
+    """One range of experts: rows [r0, r1) of the sorted input, padded to [n, cap, .]."""
+
+    __slots__ = ("e0", "e1", "n", "cap", "r0", "r1", "idx")
+
+    def __init__(self, e0, e1, cap, counts, offs, device):
+        self.e0, self.e1, self.n, self.cap = e0, e1, e1 - e0, cap
+        self.r0, self.r1 = offs[e0], offs[e1]
+        if all(counts[e] == cap for e in range(e0, e1)):
+            self.idx = None  # already uniform: padded layout == sorted layout (views only)
+        else:
+            idx = [j * cap + i for j, e in enumerate(range(e0, e1)) for i in range(counts[e])]
+            self.idx = torch.tensor(idx, dtype=torch.int64, device=device)
+
+    def pad(self, t: Tensor) -> Tensor:
+        """rows [r0, r1) of t -> [n, cap, cols] (zero rows where an expert has fewer)."""
+        rows = t[self.r0 : self.r1]
+        if self.idx is None:
+            return rows.view(self.n, self.cap, t.shape[1])
+        out = t.new_zeros(self.n * self.cap, t.shape[1])
+        out.index_copy_(0, self.idx, rows)
+        return out.view(self.n, self.cap, t.shape[1])
+
+    def out_buffer(self, t: Tensor) -> Tensor:
+        """Where a bmm writes rows [r0, r1) of t: t itself when uniform, else a temporary."""
+        if self.idx is None:
+            return t[self.r0 : self.r1].view(self.n, self.cap, t.shape[1])
+        return t.new_empty(self.n, self.cap, t.shape[1])
+
+    def unpad_into(self, buf: Tensor, t: Tensor) -> None:
+        if self.idx is not None:
+            torch.index_select(buf.view(-1, t.shape[1]), 0, self.idx, out=t[self.r0 : self.r1])
 
 
-def _to_padded(t_ND: Tensor, dest_N: Tensor, P: int) -> Tensor:
-    out = t_ND.new_zeros(P, t_ND.shape[1])
-    out.index_copy_(0, dest_N, t_ND)
-    return out
+def _ranges(
+    counts: list[int], device, alpha: int = _ALPHA_ROWS, max_rows: int = _MAX_RANGE_ROWS
+) -> list[_Range]:
+    plan, _ = _plan(counts, alpha, max_rows)
+    offs = [0]
+    for c in counts:
+        offs.append(offs[-1] + c)
+    return [_Range(e0, e1, cap, counts, offs, device) for e0, e1, cap, _ in plan if cap > 0]
 
 
-def _fwd_torch(x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD):
+def _fwd_torch(x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD, alpha=_ALPHA_ROWS, max_rows=_MAX_RANGE_ROWS):
     N, D = x_ND.shape
     Fdim = wg_EDF.shape[2]
     counts = _counts_list(counts_E, N)
-    plan, P = _plan(counts)
-    dest = _pad_index(counts, plan, x_ND.device)
-    xp = _to_padded(x_ND, dest, P)
-    hg = x_ND.new_empty(P, Fdim)
-    hu = x_ND.new_empty(P, Fdim)
-    yp = x_ND.new_empty(P, D)
-    for e0, e1, cap, p0 in plan:
-        if cap == 0:
-            continue
-        n = e1 - e0
-        sl = slice(p0, p0 + n * cap)
-        xr = xp[sl].view(n, cap, D)
-        torch.bmm(xr, wg_EDF[e0:e1], out=hg[sl].view(n, cap, Fdim))
-        torch.bmm(xr, wu_EDF[e0:e1], out=hu[sl].view(n, cap, Fdim))
-    a = F.silu(hg).mul_(hu)
-    for e0, e1, cap, p0 in plan:
-        if cap == 0:
-            continue
-        n = e1 - e0
-        sl = slice(p0, p0 + n * cap)
-        torch.bmm(a[sl].view(n, cap, Fdim), wd_EFD[e0:e1], out=yp[sl].view(n, cap, D))
-    return yp.index_select(0, dest), xp, hg, hu, dest
+    x_ND = x_ND.contiguous()
+    hg = x_ND.new_empty(N, Fdim)
+    hu = x_ND.new_empty(N, Fdim)
+    y = x_ND.new_empty(N, D)
+    for r in _ranges(counts, x_ND.device, alpha, max_rows):
+        xr = r.pad(x_ND)
+        hgr, hur = r.out_buffer(hg), r.out_buffer(hu)
+        torch.bmm(xr, wg_EDF[r.e0 : r.e1], out=hgr)
+        torch.bmm(xr, wu_EDF[r.e0 : r.e1], out=hur)
+        ar = F.silu(hgr).mul_(hur)
+        yr = r.out_buffer(y)
+        torch.bmm(ar, wd_EFD[r.e0 : r.e1], out=yr)
+        r.unpad_into(hgr, hg)
+        r.unpad_into(hur, hu)
+        r.unpad_into(yr, y)
+    return y, hg, hu
 
 
-def _bwd_torch(dy_ND, xp, counts_E, wg_EDF, wu_EDF, wd_EFD, hg, hu, dest):
-    N, D = dy_ND.shape
-    P, Fdim = hg.shape
-    counts = _counts_list(counts_E, N)
-    plan, P2 = _plan(counts)
-    assert P2 == P
-    dyp = _to_padded(dy_ND, dest, P)
-    dA = torch.empty_like(hg)
-    for e0, e1, cap, p0 in plan:
-        if cap == 0:
-            continue
-        n = e1 - e0
-        sl = slice(p0, p0 + n * cap)
-        torch.bmm(
-            dyp[sl].view(n, cap, D), wd_EFD[e0:e1].transpose(1, 2), out=dA[sl].view(n, cap, Fdim)
-        )
-    # SwiGLU backward over all rows at once (fp32 math for low-precision inputs)
+def _swiglu_bwd(dA: Tensor, hg: Tensor, hu: Tensor):
+    """(dA, h_gate, h_up) -> (a, d h_gate, d h_up); fp32 math for 16-bit inputs."""
     acc = torch.promote_types(hg.dtype, torch.float32)
     hg32, hu32, dA32 = hg.to(acc), hu.to(acc), dA.to(acc)
     sg = torch.sigmoid(hg32)
     silu = hg32 * sg
     a = (silu * hu32).to(hg.dtype)
     dhu = (dA32 * silu).to(hg.dtype)
-    # d silu/dh = sg * (1 + h * (1 - sg)); hg32/dA32 are temporaries when the input is bf16 and
-    # the saved tensors are not used after this, so in-place is safe either way.
-    dhg = (dA32.mul_(hu32).mul_(sg).mul_((hg32 * (1.0 - sg)).add_(1.0))).to(hg.dtype)
-    del hg32, hu32, dA32, sg, silu, dA
+    # d silu/dh = sg * (1 + h * (1 - sg))
+    dsilu = silu.neg_().add_(hg32).mul_(sg).add_(sg)  # sg + h*sg*(1-sg), reusing silu's buffer
+    dhg = dsilu.mul_(dA32).mul_(hu32).to(hg.dtype)
+    return a, dhg, dhu
+
+
+def _bwd_torch(
+    dy_ND,
+    x_ND,
+    counts_E,
+    wg_EDF,
+    wu_EDF,
+    wd_EFD,
+    hg,
+    hu,
+    alpha=_ALPHA_ROWS,
+    max_rows=_MAX_RANGE_ROWS,
+):
+    N, D = x_ND.shape
+    counts = _counts_list(counts_E, N)
+    dy_ND = dy_ND.contiguous()
+    x_ND = x_ND.contiguous()
+    # weight grads: written by the bmm of their range; only experts outside every range (a run
+    # of empty experts) need zeros -- zero-filling all 3 x 48 MB cost ~10 ms here
     dwg = torch.empty_like(wg_EDF)
     dwu = torch.empty_like(wu_EDF)
     dwd = torch.empty_like(wd_EFD)
-    dxp = torch.empty(P, D, dtype=xp.dtype, device=xp.device)
-    for e0, e1, cap, p0 in plan:
-        n = e1 - e0
-        if cap == 0:
-            dwg[e0:e1].zero_()
-            dwu[e0:e1].zero_()
-            dwd[e0:e1].zero_()
-            continue
-        sl = slice(p0, p0 + n * cap)
-        xr = xp[sl].view(n, cap, D)
-        dhg_r = dhg[sl].view(n, cap, Fdim)
-        dhu_r = dhu[sl].view(n, cap, Fdim)
-        torch.bmm(a[sl].view(n, cap, Fdim).transpose(1, 2), dyp[sl].view(n, cap, D), out=dwd[e0:e1])
-        torch.bmm(xr.transpose(1, 2), dhg_r, out=dwg[e0:e1])
-        torch.bmm(xr.transpose(1, 2), dhu_r, out=dwu[e0:e1])
-        dxr = dxp[sl].view(n, cap, D)
-        torch.bmm(dhg_r, wg_EDF[e0:e1].transpose(1, 2), out=dxr)
-        dxr.baddbmm_(dhu_r, wu_EDF[e0:e1].transpose(1, 2))
-    return dxp.index_select(0, dest), dwg, dwu, dwd
+    dx = torch.empty_like(x_ND)
+    ranges = _ranges(counts, x_ND.device, alpha, max_rows)
+    covered = [False] * len(counts)
+    for r in ranges:
+        covered[r.e0 : r.e1] = [True] * r.n
+    for e, c in enumerate(covered):
+        if not c:
+            dwg[e].zero_()
+            dwu[e].zero_()
+            dwd[e].zero_()
+    for r in ranges:
+        sl = slice(r.e0, r.e1)
+        dyr = r.pad(dy_ND)
+        dAr = torch.bmm(dyr, wd_EFD[sl].transpose(1, 2))
+        ar, dhgr, dhur = _swiglu_bwd(dAr, r.pad(hg), r.pad(hu))
+        del dAr
+        torch.bmm(ar.transpose(1, 2), dyr, out=dwd[sl])
+        del ar, dyr  # keep the range's live temporaries few (peak memory)
+        xr = r.pad(x_ND)
+        torch.bmm(xr.transpose(1, 2), dhgr, out=dwg[sl])
+        torch.bmm(xr.transpose(1, 2), dhur, out=dwu[sl])
+        dxr = r.out_buffer(dx)
+        torch.bmm(dhgr, wg_EDF[sl].transpose(1, 2), out=dxr)
+        dxr.baddbmm_(dhur, wu_EDF[sl].transpose(1, 2))
+        r.unpad_into(dxr, dx)
+    return dx, dwg, dwu, dwd
 
 
 # The per-expert loop, kept for the benchmark's "alternatives" table (see above for why it lost).
@@ -290,23 +326,14 @@ def _bwd_torch_loop(dy_ND, x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD, hg_NF, hu_NF)
         if n:
             torch.mm(dy_ND[s : s + n], wd_EFD[e].t(), out=dA_NF[s : s + n])
             s += n
-    acc = torch.promote_types(hg_NF.dtype, torch.float32)
-    hg, hu, dA = hg_NF.to(acc), hu_NF.to(acc), dA_NF.to(acc)
-    sg = torch.sigmoid(hg)
-    silu = hg * sg
-    a_NF = (silu * hu).to(x_ND.dtype)
-    dhu_NF = (dA * silu).to(x_ND.dtype)
-    dhg_NF = (dA * hu * sg * (1.0 + hg * (1.0 - sg))).to(x_ND.dtype)
-    dwg = torch.empty_like(wg_EDF)
-    dwu = torch.empty_like(wu_EDF)
-    dwd = torch.empty_like(wd_EFD)
+    a_NF, dhg_NF, dhu_NF = _swiglu_bwd(dA_NF, hg_NF, hu_NF)
+    dwg = torch.zeros_like(wg_EDF)
+    dwu = torch.zeros_like(wu_EDF)
+    dwd = torch.zeros_like(wd_EFD)
     dx_ND = torch.empty_like(x_ND)
     s = 0
     for e, n in enumerate(counts):
         if n == 0:
-            dwg[e].zero_()
-            dwu[e].zero_()
-            dwd[e].zero_()
             continue
         sl = slice(s, s + n)
         xe_t = x_ND[sl].t()
@@ -657,65 +684,42 @@ def _bwd_triton(dy_ND, x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD, hg_NF, hu_NF):
 @torch.library.custom_op("sigma_moe::grouped_swiglu_fwd", mutates_args=())
 def _gs_fwd_op(
     x_ND: Tensor, counts_E: Tensor, wg_EDF: Tensor, wu_EDF: Tensor, wd_EFD: Tensor, backend: str
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (y_ND, x_saved, h_gate, h_up, dest).
-
-    torch backend: x_saved / h_* are in the padded ranged layout (P rows) and dest_N maps sorted
-    rows to padded rows.  Triton backends: x_saved and dest are empty (x itself is saved; an op
-    output may not alias an input) and h_* have N rows.
-    """
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (y_ND, h_gate_NF, h_up_NF); the h_* are saved for backward."""
     if backend == "torch":
         return _fwd_torch(x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD)
-    y, hg, hu = _fwd_triton(x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD)
-    empty = x_ND.new_empty(0)
-    return y, empty, hg, hu, counts_E.new_empty(0, dtype=torch.int64)
+    return _fwd_triton(x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD)
 
 
 @_gs_fwd_op.register_fake
 def _(x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD, backend):
     N, D = x_ND.shape
     Fdim = wg_EDF.shape[2]
-    if backend == "torch":
-        # padded row count is data dependent
-        P = torch.library.get_ctx().new_dynamic_size()
-        return (
-            x_ND.new_empty(N, D),
-            x_ND.new_empty(P, D),
-            x_ND.new_empty(P, Fdim),
-            x_ND.new_empty(P, Fdim),
-            x_ND.new_empty(N, dtype=torch.int64),
-        )
-    return (
-        x_ND.new_empty(N, D),
-        x_ND.new_empty(0),
-        x_ND.new_empty(N, Fdim),
-        x_ND.new_empty(N, Fdim),
-        x_ND.new_empty(0, dtype=torch.int64),
-    )
+    return x_ND.new_empty(N, D), x_ND.new_empty(N, Fdim), x_ND.new_empty(N, Fdim)
 
 
 @torch.library.custom_op("sigma_moe::grouped_swiglu_bwd", mutates_args=())
 def _gs_bwd_op(
     dy_ND: Tensor,
-    x_saved: Tensor,
+    x_ND: Tensor,
     counts_E: Tensor,
     wg_EDF: Tensor,
     wu_EDF: Tensor,
     wd_EFD: Tensor,
-    hg: Tensor,
-    hu: Tensor,
-    dest: Tensor,
+    hg_NF: Tensor,
+    hu_NF: Tensor,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    args = (dy_ND, x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD, hg_NF, hu_NF)
     if backend == "torch":
-        return _bwd_torch(dy_ND, x_saved, counts_E, wg_EDF, wu_EDF, wd_EFD, hg, hu, dest)
-    return _bwd_triton(dy_ND, x_saved, counts_E, wg_EDF, wu_EDF, wd_EFD, hg, hu)
+        return _bwd_torch(*args)
+    return _bwd_triton(*args)
 
 
 @_gs_bwd_op.register_fake
-def _(dy_ND, x_saved, counts_E, wg_EDF, wu_EDF, wd_EFD, hg, hu, dest, backend):
+def _(dy_ND, x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD, hg_NF, hu_NF, backend):
     return (
-        torch.empty_like(dy_ND),
+        torch.empty_like(x_ND),
         torch.empty_like(wg_EDF),
         torch.empty_like(wu_EDF),
         torch.empty_like(wd_EFD),
@@ -723,17 +727,19 @@ def _(dy_ND, x_saved, counts_E, wg_EDF, wu_EDF, wd_EFD, hg, hu, dest, backend):
 
 
 def _setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # no zero-filled grads for unused outputs
     x_ND, counts_E, wg, wu, wd, backend = inputs
-    _, xp, hg, hu, dest = output
-    x_saved = xp if backend == "torch" else x_ND
-    ctx.save_for_backward(x_saved, counts_E, wg, wu, wd, hg, hu, dest)
+    _, hg, hu = output
+    ctx.save_for_backward(x_ND, counts_E, wg, wu, wd, hg, hu)
     ctx.backend = backend
 
 
-def _backward(ctx, dy_ND, *_unused):
-    x_saved, counts_E, wg, wu, wd, hg, hu, dest = ctx.saved_tensors
+def _backward(ctx, dy_ND, _ghg, _ghu):
+    x_ND, counts_E, wg, wu, wd, hg, hu = ctx.saved_tensors
+    if dy_ND is None:
+        return None, None, None, None, None, None
     dx, dwg, dwu, dwd = _gs_bwd_op(
-        dy_ND.contiguous(), x_saved, counts_E, wg, wu, wd, hg, hu, dest, ctx.backend
+        dy_ND.contiguous(), x_ND, counts_E, wg, wu, wd, hg, hu, ctx.backend
     )
     return dx, None, dwg, dwu, dwd, None
 

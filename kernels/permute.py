@@ -144,16 +144,32 @@ def _combine_torch(y_ND: Tensor, row_map_N: Tensor, weights_TK: Tensor | None, T
 
 
 def _unpermute_bwd_torch(grad_TD: Tensor, y_ND: Tensor, row_map_N: Tensor, weights_TK: Tensor):
+    """grad_y[row_map[t*k+j]] = w[t,j] * g[t];  grad_w[t,j] = <g[t], y[row_map[t*k+j]]>.
+
+    Memory-lean (measured: the naive version held three extra N x D temporaries at the start of
+    the MoE backward, +24 MB at T=4096, D=512): grad_y is gathered straight in sorted order
+    through the inverse permutation and scaled in place; grad_w gathers y in chunks.
+    """
     T, k = weights_TK.shape
-    D = y_ND.shape[1]
-    y_TKD = y_ND.index_select(0, row_map_N).view(T, k, D)
+    N, D = y_ND.shape
     acc = _acc_dtype(y_ND.dtype)
-    g32 = grad_TD.to(acc)
-    grad_w_TK = torch.bmm(y_TKD.to(acc), g32.unsqueeze(-1)).view(T, k).to(weights_TK.dtype)
-    grad_pairs = (weights_TK.to(acc).unsqueeze(-1) * g32.unsqueeze(1)).view(T * k, D)
-    grad_y_ND = torch.empty_like(y_ND)
-    grad_y_ND.index_copy_(0, row_map_N, grad_pairs.to(y_ND.dtype))
-    return grad_y_ND, grad_w_TK
+    order_N = torch.empty_like(row_map_N)
+    order_N[row_map_N] = torch.arange(N, device=row_map_N.device)  # sorted row -> pair
+    src_N = order_N if k == 1 else torch.div(order_N, k, rounding_mode="floor")
+    w_sorted = weights_TK.reshape(-1).index_select(0, order_N).to(acc).unsqueeze(1)
+    if grad_TD.dtype == y_ND.dtype and acc == y_ND.dtype:
+        grad_y_ND = grad_TD.index_select(0, src_N).mul_(w_sorted)
+    else:
+        grad_y_ND = (grad_TD.index_select(0, src_N).to(acc) * w_sorted).to(y_ND.dtype)
+    grad_w_N = torch.empty(N, dtype=acc, device=y_ND.device)
+    chunk = max(1, (1 << 18) // max(D, 1))  # ~1 MB of fp32 rows per step
+    for s in range(0, T, chunk):
+        e = min(T, s + chunk)
+        y_c = y_ND.index_select(0, row_map_N[s * k : e * k]).view(e - s, k, D).to(acc)
+        torch.bmm(
+            y_c, grad_TD[s:e].to(acc).unsqueeze(-1), out=grad_w_N[s * k : e * k].view(-1, k, 1)
+        )
+    return grad_y_ND, grad_w_N.view(T, k).to(weights_TK.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -399,6 +415,7 @@ def _(grad_TD, y_ND, row_map_N, weights_TK, backend):
 
 # permute: grad_x[t] = sum_j grad_sorted[row_map[t*k+j]]  (the combine with unit weights)
 def _permute_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # no zero-filled grads for unused outputs
     x_TD, experts_TK, backend = inputs
     ctx.save_for_backward(output[1])
     ctx.T, ctx.k, ctx.backend, ctx.dtype = x_TD.shape[0], experts_TK.shape[1], backend, x_TD.dtype
@@ -406,6 +423,8 @@ def _permute_setup(ctx, inputs, output):
 
 def _permute_backward(ctx, grad_sorted_ND, grad_row_map):
     (row_map_N,) = ctx.saved_tensors
+    if grad_sorted_ND is None:
+        return None, None, None
     grad_x = _combine_op(grad_sorted_ND.contiguous(), row_map_N, None, ctx.T, ctx.k, ctx.backend)
     return grad_x.to(ctx.dtype), None, None
 
@@ -416,6 +435,7 @@ torch.library.register_autograd(
 
 
 def _combine_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # no zero-filled grads for unused outputs
     y_ND, row_map_N, weights_TK, T, k, backend = inputs
     ctx.save_for_backward(y_ND, row_map_N, weights_TK)
     ctx.backend = backend
@@ -423,6 +443,8 @@ def _combine_setup(ctx, inputs, output):
 
 def _combine_backward(ctx, grad_TD):
     y_ND, row_map_N, weights_TK = ctx.saved_tensors
+    if grad_TD is None:
+        return None, None, None, None, None, None
     if weights_TK is None:  # only used internally as permute's backward (no double backward)
         raise RuntimeError("double backward through permute is not supported")
     grad_y, grad_w = _unpermute_bwd_op(

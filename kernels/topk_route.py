@@ -317,6 +317,7 @@ def _(grad_w_TK, grad_ps_E, probs_TE, experts_TK, weights_TK, normalize, backend
 
 
 def _setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # no zero-filled grads for unused outputs
     logits_TE, k, normalize, backend = inputs
     weights_TK, experts_TK, _, _, probs_TE = output
     ctx.save_for_backward(probs_TE, experts_TK, weights_TK)
