@@ -390,6 +390,19 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _optimizer_param_names(trainer) -> list[list[str]] | None:
+    """Without ZeRO the optimizer state is indexed by parameter position (DeepSpeed's
+    `expp_rank_*_optim_states.pt`): record the names in that order so a reshape can map them.
+    None under ZeRO 1/2 (its files carry `param_slice_mappings`)."""
+    opt = trainer.engine.optimizer
+    base = getattr(opt, "optimizer", opt)
+    names = {id(p): n.removeprefix("_orig_mod.") for n, p in trainer.model.named_parameters()}
+    groups = getattr(base, "param_groups", None) or []
+    if not groups or not all(id(p) in names for g in groups for p in g["params"]):
+        return None
+    return [[names[id(p)] for p in g["params"]] for g in groups]
+
+
 # --------------------------------------------------------------------------- callbacks
 
 
@@ -567,6 +580,7 @@ class Checkpointer:
                 "model_config": {f: getattr(mc, f, None) for f in SHAPE_FIELDS},
                 "param_shapes": global_param_shapes(trainer.model, self.cfg.parallel.ep_size),
                 "files": files,
+                "optimizer_param_names": _optimizer_param_names(trainer),
             },
         )
 

@@ -22,8 +22,12 @@ into a live engine of any EP/DP layout through DeepSpeed's `safe_set_full_*` API
 rank keeps its own fragment). The Checkpointer uses it automatically when a checkpoint's
 ep_size, process count or ZeRO stage differ from the run's; `sigma-moe convert-checkpoint`
 writes the layout-free state once (a checkpoint folder with `universal_state.pt`) so later
-loads skip the consolidation. Source checkpoints must be ZeRO stage 1 or 2 (stage 0 keeps the
-optimizer state in another layout; not supported here).
+loads skip the consolidation.
+
+ZeRO stage 0 (fp32) is read too: there each EP rank writes its whole torch optimizer state,
+indexed by position, to `expp_rank_<e>_mp_rank_00_optim_states.pt`; our meta.json records the
+parameter names of those positions (`optimizer_param_names`). Not covered: bf16 without ZeRO
+(DeepSpeed's BF16_Optimizer files) and tensor/pipeline parallelism (we use neither).
 """
 
 from __future__ import annotations
@@ -66,14 +70,13 @@ def consolidate(ckpt: Path, meta: dict[str, Any] | None = None) -> dict[str, Any
     if (ckpt / UNIVERSAL).is_file():
         return torch.load(ckpt / UNIVERSAL, map_location="cpu", weights_only=False)
     world, ep = int(meta["world_size"]), int(meta["ep_size"])
+    main = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     files = [ckpt / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)]
+    if not files[0].is_file() and (ckpt / "expp_rank_0_mp_rank_00_optim_states.pt").is_file():
+        return _consolidate_zero0(ckpt, meta, main, ep)
     missing = [f.name for f in files if not f.is_file()]
     if missing:
-        raise ValueError(
-            f"checkpoint {ckpt}: cannot reshape, {', '.join(missing)} not found (reshaping reads "
-            "ZeRO stage 1/2 optimizer files; a ZeRO-0 checkpoint resumes only on its own layout)"
-        )
-    main = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        raise ValueError(f"checkpoint {ckpt}: cannot reshape, {', '.join(missing)} not found")
     local_shapes: dict[str, torch.Size] = {}
     for group in main["param_shapes"]:
         for n, s in group.items():
@@ -123,6 +126,53 @@ def consolidate(ckpt: Path, meta: dict[str, Any] | None = None) -> dict[str, Any
     out["train_state"] = main["train_state"]
     out["ep_size"] = ep
     return out
+
+
+def _consolidate_zero0(ckpt: Path, meta: dict[str, Any], main: dict, ep: int) -> dict[str, Any]:
+    """ZeRO stage 0: each EP rank's whole torch optimizer state (indexed by position) in
+    `expp_rank_<e>_mp_rank_00_optim_states.pt`; meta.json names the positions."""
+    names = meta.get("optimizer_param_names")
+    if not names:
+        raise ValueError(
+            f"checkpoint {ckpt}: a ZeRO-0 checkpoint without optimizer_param_names in {META} "
+            "cannot be reshaped (it resumes on its own layout)"
+        )
+    module = {_strip(k): v for k, v in load_full_state_dict(ckpt).items()}
+    out: dict[str, Any] = {"fp32": {}, "optim": {}, "step": {}}
+    per_ep: dict[str, dict[str, list[torch.Tensor]]] = {}
+    for e in range(ep):
+        f = ckpt / f"expp_rank_{e}_mp_rank_00_optim_states.pt"
+        sd = torch.load(f, map_location="cpu", weights_only=False)["optimizer"]
+        for g, gnames in zip(sd["param_groups"], names):
+            moe = bool(g.get("moe", False))
+            for i, n in zip(g["params"], gnames):
+                st = sd["state"].get(i, {})
+                shape = module[n].shape if not moe else None
+                moments = {
+                    k: st[k] if k in st else torch.zeros(shape or per_ep_shape(module[n], ep))
+                    for k in OPTIM_KEYS
+                }
+                out["step"][n] = float(st.get("step", 0.0))
+                if moe:
+                    d = per_ep.setdefault(n, {k: [] for k in OPTIM_KEYS})
+                    for k in OPTIM_KEYS:
+                        d[k].append(moments[k])
+                elif e == 0:
+                    out["optim"][n] = moments
+    for n, d in per_ep.items():
+        out["optim"][n] = {k: torch.cat(v, dim=0) for k, v in d.items()}
+    out["fp32"] = {n: v.float() for n, v in module.items()}
+    out["module"] = module
+    missing = sorted(set(module) - set(out["optim"]))
+    if missing:
+        raise ValueError(f"checkpoint {ckpt}: no optimizer state for {missing[:5]}")
+    out["train_state"] = main["train_state"]
+    out["ep_size"] = ep
+    return out
+
+
+def per_ep_shape(full: torch.Tensor, ep: int) -> torch.Size:
+    return torch.Size([full.shape[0] // ep, *full.shape[1:]])
 
 
 def _base_optimizer(engine):

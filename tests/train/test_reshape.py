@@ -130,3 +130,21 @@ def test_reshape_ep2_to_ep1_on_load_matches_convert(tmp_path_factory, tmp_path):
     got, want = losses(run), losses(ep2)
     assert sorted(got) == [7]
     _close(got, want, [7])
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_zero_stage_change_on_load(tmp_path, stage):
+    """A ZeRO-0 / ZeRO-2 checkpoint resumes under ZeRO-1 (same process count): the optimizer
+    state moves between layouts (one process: the same arithmetic, so the losses agree)."""
+    src = tmp_path / "src"
+    train_in_process(config(f"parallel.zero_stage={stage}", "train.max_steps=4"), src)
+    run = tmp_path / "run"
+    check = _StateCheck(consolidate(src / "checkpoints" / "step_00000002"))
+    train_in_process(
+        config("train.max_steps=4"),
+        run,
+        resume=str(src / "checkpoints" / "step_00000002"),
+        extra_callbacks=[check],
+    )
+    assert check.checked > 0
+    _close(losses(run), losses(src), [3, 4])
