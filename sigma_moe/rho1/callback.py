@@ -103,7 +103,8 @@ class Rho1Callback:
     def on_train_end(self, trainer, last) -> None:
         if self.sup is None:
             return
-        trainer.state.extra["scorer"] = self.sup.status()
+        status = self.sup.status()
+        trainer.state.extra["scorer"] = status
         self.sup.close()
         self.sup = None
         if self.run_stats:
@@ -116,6 +117,7 @@ class Rho1Callback:
                 "metrics": {k: (None if v != v else v) for k, v in totals.items()},
                 "counts": self.run_stats,
                 "domain_names": self._domain_names,
+                "scorer": {"mode": self.r.scorer, **status},
             }
             name = (
                 "rho1_selection.json"
