@@ -1,235 +1,20 @@
 #!/usr/bin/env python
-"""Rho-1 experiment on the bundled corpus: does selective LM learn clean text better from a
-noisy mix, and what does the live scorer cost?
+"""Rho-1 experiment on the bundled corpus (see ``sigma_moe/rho1/experiment.py``).
 
-1. Train the reference model (``configs/ref-demo.yaml``) on the clean domains (prose, code, math).
-2. Train the target (``configs/demo-cpu.yaml``) on a mix where web noise is a large share
-   (default 50% of samples), for the same steps and tokens:
-   - CLM: ``rho1.mode=none``;
-   - SLM: ``rho1.mode=excess`` with the live scorer side process (``rho1.scorer=process``);
-   - SLM again from a store prefilled offline (``rho1.scorer=prefilled``; throughput only — the
-     selection, hence the training, is identical).
-3. Evaluate the clean domains' held-out loss, the selection rate of noise vs clean tokens, the
-   whole-run throughput of the three runs, and colour a few validation passages by
-   selected / rejected tokens (HTML + PNG).
-
-Writes ``DIR/rho1_results.json`` (``clm_clean_val_loss``, ``slm_clean_val_loss``,
-``noise_selected_frac``, ``clean_selected_frac``, throughput, …), ``DIR/rho1_tokens.html``,
-``DIR/rho1_tokens.png`` and ``DIR/rho1_table.md``.
-
-    python scripts/rho1_demo.py --out runs/rho1-demo            # ~10 min on 2 CPU cores
+    python scripts/rho1_demo.py --out runs/rho1-demo
     python scripts/rho1_demo.py --out /tmp/r --steps 40 --ref-steps 40 --no-prefilled  # smoke
+
+Trains the clean-domain reference, then the demo-cpu target for the same steps with
+rho1.mode=none (CLM), excess with the live scorer (SLM) and excess from a prefilled store;
+writes DIR/rho1_results.json, DIR/rho1_table.md, DIR/rho1_tokens.html and DIR/rho1_tokens.png.
 """
 
 from __future__ import annotations
 
 import argparse
-import html
-import json
-import os
-import sys
-import time
 from pathlib import Path
-from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
-
-
-class _Timer:
-    """Wall time of the training steps (after start-up, incl. scorer waits and eval)."""
-
-    def __init__(self):
-        self.t_start = None
-        self.t_end = None
-        self.step_times: list[float] = []
-        self.tokens = 0
-
-    def on_train_start(self, trainer):
-        self.t_start = time.perf_counter()
-
-    def on_step_end(self, trainer, m):
-        self.step_times.append(float(m.get("step_time_s", 0.0)))
-        self.tokens = int(m.get("tokens", 0))
-        self.t_end = time.perf_counter()
-
-
-def _train(cfg, out: Path, label: str) -> dict[str, Any]:
-    from sigma_moe.rho1.callback import Rho1Callback
-    from sigma_moe.train.loop import run_training
-
-    timer = _Timer()
-    print(f"\n=== {label}: {out} ===", file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
-    summary = run_training(cfg, out, extra_callbacks=[Rho1Callback(cfg, out), timer])
-    wall = time.perf_counter() - t0
-    steps_s = sum(timer.step_times)
-    return {
-        "summary": summary,
-        "wall_s": wall,
-        "train_steps_s": steps_s,
-        "tokens": timer.tokens,
-        # tokens / Σ step time: the steps' own time incl. scorer waits and CPU contention
-        "tokens_per_s": timer.tokens / steps_s if steps_s else None,
-        # tokens / wall time of the whole run_training call (start-up, evals, checkpoints incl.)
-        "tokens_per_s_wall": timer.tokens / wall if wall else None,
-    }
-
-
-def _clean_val(summary: dict[str, Any]) -> float | None:
-    last = summary.get("last_eval") or {}
-    return last.get("clean_val_loss")
-
-
-def _sets(args) -> list[str]:
-    noise = args.noise_share
-    clean = (1 - noise) / 3
-    return [
-        f"train.max_steps={args.steps}",
-        f"train.eval_every={args.steps}",
-        f"checkpoint.every={args.steps}",
-        "checkpoint.keep_last=1",
-        f"train.seed={args.seed}",
-        "data.domains="
-        + json.dumps(
-            [
-                {"name": "prose", "path": "bundled", "weight": clean, "clean": True},
-                {"name": "code", "path": "bundled", "weight": clean, "clean": True},
-                {"name": "math", "path": "bundled", "weight": clean, "clean": True},
-                {"name": "webnoise", "path": "bundled", "weight": noise, "clean": False},
-            ]
-        ),
-        f"logging.progress={'true' if args.progress else 'false'}",
-        "logging.wandb_mode=disabled",
-    ]
-
-
-# --------------------------------------------------------------------------- visualisation
-
-
-def _passages(target_ckpt: Path, ref_path: Path, cfg, ratio: float, n_per_domain: int = 2):
-    """Validation passages of each domain scored by the final SLM model and the reference;
-    selection with one threshold over the whole set (as a global batch would)."""
-    import torch
-
-    from sigma_moe.data.dataset import build_val_datasets, collate
-    from sigma_moe.data.tokenizer import load_tokenizer
-    from sigma_moe.rho1.reference import load_reference, score_batch
-    from sigma_moe.rho1.selection import token_weights
-    from sigma_moe.train.checkpoint import load_model_for_inference
-
-    tok = load_tokenizer(cfg.data.tokenizer)
-    model, _, _ = load_model_for_inference(target_ckpt)
-    ref = load_reference(ref_path, tok)
-    val = build_val_datasets(cfg.data.domains, cfg.data.seq_len, tok, max_samples_per_domain=8)
-    samples, names = [], []
-    for name, ds in val.items():
-        for i in range(min(n_per_domain, len(ds))):
-            samples.append(ds[i])
-            names.append(name)
-    b = collate(samples)
-    labels = b["labels"].masked_fill(b["loss_mask"] <= 0, -100)
-    with torch.no_grad():
-        ce = score_batch(model, b["input_ids"], labels)
-        rl = score_batch(ref, b["input_ids"], labels)
-    valid = labels != -100
-    w = token_weights(ce, rl, valid, mode="excess", ratio=ratio)
-    out = []
-    for r in range(len(samples)):
-        # token j's label is input j+1: colour the *predicted* token (labels[r, j])
-        toks = []
-        for j in range(labels.shape[1]):
-            if not valid[r, j]:
-                continue
-            toks.append(
-                {
-                    "text": tok.decode([int(labels[r, j])]),
-                    "selected": bool(w[r, j] == 1),
-                    "excess": float(ce[r, j] - rl[r, j]),
-                    "ce": float(ce[r, j]),
-                    "ref": float(rl[r, j]),
-                }
-            )
-        out.append({"domain": names[r], "tokens": toks})
-    return out
-
-
-def _write_html(passages, path: Path, ratio: float) -> None:
-    parts = [
-        "<!doctype html><meta charset='utf-8'><title>Rho-1 token selection</title>",
-        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
-        ".p{font-family:monospace;white-space:pre-wrap;border:1px solid #ccc;padding:.6em;"
-        "margin-bottom:1.2em;line-height:1.5}.s{background:#b7eb8f}.r{background:#ffccc7;"
-        "color:#888}h3{margin-bottom:.2em}</style>",
-        "<h1>Rho-1 token selection on validation passages</h1>",
-        f"<p>Final SLM model vs the clean-domain reference; score = excess loss (model CE − "
-        f"reference CE); top {ratio:.0%} of the tokens of all passages kept (one threshold). "
-        "<span class='s'>selected</span> <span class='r'>rejected</span>. Hover a token for "
-        "its losses.</p>",
-    ]
-    for p in passages:
-        n = len(p["tokens"])
-        k = sum(t["selected"] for t in p["tokens"])
-        parts.append(
-            f"<h3>{html.escape(p['domain'])} — {k}/{n} tokens selected</h3><div class='p'>"
-        )
-        for t in p["tokens"]:
-            cls = "s" if t["selected"] else "r"
-            tip = f"excess {t['excess']:.2f} = CE {t['ce']:.2f} − ref {t['ref']:.2f}"
-            parts.append(f"<span class='{cls}' title='{tip}'>{html.escape(t['text'])}</span>")
-        parts.append("</div>")
-    path.write_text("".join(parts), encoding="utf-8")
-
-
-def _write_png(passages, path: Path, max_tokens: int = 160) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols, cw = 170, 0.0056  # characters per line, monospace char width (axes fraction)
-    lines_total = 0
-    layout = []
-    for p in passages:
-        x, lines, cells = 0, 1, []
-        for t in p["tokens"][:max_tokens]:
-            s = t["text"].replace("\n", "⏎").replace("\t", " ")
-            if x + len(s) > cols:
-                x, lines = 0, lines + 1
-            cells.append((x, lines - 1, s, t["selected"]))
-            x += len(s)
-        layout.append((p["domain"], cells, lines))
-        lines_total += lines + 2
-    fig_h = max(4.0, lines_total * 0.19)
-    fig = plt.figure(figsize=(13, fig_h))
-    ax = fig.add_axes([0, 0, 1, 1])
-    ax.axis("off")
-    lh = 1.0 / (lines_total + 1)
-    y = 1.0 - lh
-    for domain, cells, lines in layout:
-        ax.text(0.01, y, f"{domain}", fontsize=9, fontweight="bold", va="top", family="sans-serif")
-        y -= lh
-        for cx, cy, s, sel in cells:
-            ax.text(
-                0.01 + cx * cw,
-                y - cy * lh,
-                s,
-                fontsize=8,
-                family="monospace",
-                va="top",
-                color="black" if sel else "#999999",
-                bbox=dict(
-                    boxstyle="square,pad=0.05",
-                    fc="#b7eb8f" if sel else "#ffccc7",
-                    ec="none",
-                ),
-            )
-        y -= (lines + 1) * lh
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-# --------------------------------------------------------------------------- main
+from sigma_moe.rho1.experiment import DEFAULT_REF_STEPS, DEFAULT_STEPS, run_rho1_experiment
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,207 +22,34 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--steps", type=int, default=150, help="target training steps (each run)")
-    ap.add_argument("--ref-steps", type=int, default=300, help="reference training steps")
+    ap.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="target steps (each run)")
+    ap.add_argument("--ref-steps", type=int, default=DEFAULT_REF_STEPS, help="reference steps")
     ap.add_argument("--noise-share", type=float, default=0.5, help="web-noise share of samples")
     ap.add_argument("--select-ratio", type=float, default=0.6)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--no-prefilled", action="store_true", help="skip the prefilled-store run")
     ap.add_argument("--reference", type=Path, default=None, help="reuse a trained reference")
-    ap.add_argument("--progress", action="store_true", help="progress bars")
-    args = ap.parse_args(argv)
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from sigma_moe.config import load_config
-    from sigma_moe.rho1.scorer import prefill
-
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    t_all = time.perf_counter()
-    results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}}
-
-    # 1. reference on clean domains
-    if args.reference is None:
-        ref_cfg = load_config(
-            CONFIGS / "ref-demo.yaml",
-            [
-                f"train.max_steps={args.ref_steps}",
-                f"train.eval_every={args.ref_steps}",
-                f"checkpoint.every={args.ref_steps}",
-                f"logging.progress={'true' if args.progress else 'false'}",
-            ],
-        )
-        ref_run = _train(ref_cfg, out / "ref", "reference (clean domains)")
-        ref_path = out / "ref" / "checkpoints"
-        results["reference"] = {
-            "config": "configs/ref-demo.yaml",
-            "steps": args.ref_steps,
-            "clean_val_loss": _clean_val(ref_run["summary"]),
-            "last_eval": ref_run["summary"].get("last_eval"),
-        }
-    else:
-        ref_path = args.reference
-
-    base = _sets(args)
-    cfg_file = CONFIGS / "demo-cpu.yaml"
-
-    # 2a. CLM
-    clm_cfg = load_config(cfg_file, base + ["rho1.mode=none"])
-    clm = _train(clm_cfg, out / "clm", "target CLM (rho1.mode=none)")
-
-    # 2b. SLM, live scorer side process
-    slm_sets = base + [
-        "rho1.mode=excess",
-        f"rho1.select_ratio={args.select_ratio}",
-        f"rho1.reference={ref_path}",
-    ]
-    slm_cfg = load_config(
-        cfg_file, slm_sets + ["rho1.scorer=process", f"rho1.store={out / 'store-live'}"]
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    a = ap.parse_args(argv)
+    res = run_rho1_experiment(
+        a.out,
+        a.steps,
+        ref_steps=a.ref_steps,
+        noise_share=a.noise_share,
+        select_ratio=a.select_ratio,
+        seed=a.seed,
+        prefilled=not a.no_prefilled,
+        reference=a.reference,
+        progress=not a.no_progress,
     )
-    slm = _train(slm_cfg, out / "slm", "target SLM (rho1.mode=excess, live scorer)")
-
-    # 2c. SLM from a prefilled store
-    pre = None
-    if not args.no_prefilled:
-        pre_cfg = load_config(
-            cfg_file, slm_sets + ["rho1.scorer=prefilled", f"rho1.store={out / 'store-prefilled'}"]
-        )
-        print("\n=== prefilling the reference-loss store offline ===", file=sys.stderr, flush=True)
-        fill = prefill(pre_cfg, str(ref_path), str(out / "store-prefilled"), progress=args.progress)
-        pre = _train(pre_cfg, out / "slm-prefilled", "target SLM (prefilled store)")
-        pre["prefill"] = fill
-
-    # 3. results
-    sel = json.loads((out / "slm" / "rho1_selection.json").read_text())
-    counts, names = sel["counts"], sel["domain_names"]
-    clean_names = [d.name for d in slm_cfg.data.domains if d.clean]
-    noise_names = [d.name for d in slm_cfg.data.domains if not d.clean]
-
-    def frac(domains):
-        ids = [str(names.index(n)) for n in domains]
-        s = sum(counts.get(f"n_selected/{i}", 0.0) for i in ids)
-        v = sum(counts.get(f"n_valid/{i}", 0.0) for i in ids)
-        return s / v if v else None
-
-    tp = {
-        "none": clm["tokens_per_s"],
-        "live_scorer": slm["tokens_per_s"],
-        "prefilled": pre["tokens_per_s"] if pre else None,
-    }
-    from sigma_moe.model import SigmaMoEConfig  # noqa: F401  (sizes below)
-    from sigma_moe.train.engine import build_model_config
-
-    tgt_active = build_model_config(slm_cfg, 8192).num_active_params()
-    ref_cfg_for_size = load_config(CONFIGS / "ref-demo.yaml")
-    ref_active = build_model_config(ref_cfg_for_size, 8192).num_active_params()
-    results.update(
-        {
-            "clm_clean_val_loss": _clean_val(clm["summary"]),
-            "slm_clean_val_loss": _clean_val(slm["summary"]),
-            "slm_prefilled_clean_val_loss": _clean_val(pre["summary"]) if pre else None,
-            "clm_last_eval": clm["summary"].get("last_eval"),
-            "slm_last_eval": slm["summary"].get("last_eval"),
-            "noise_selected_frac": frac(noise_names),
-            "clean_selected_frac": frac(clean_names),
-            "selected_frac_by_domain": {n: frac([n]) for n in names},
-            "select_ratio": args.select_ratio,
-            "noise_share": args.noise_share,
-            "steps": args.steps,
-            "tokens_per_run": slm["tokens"],
-            "tokens_per_s": tp,
-            "tokens_per_s_wall": {
-                "none": clm["tokens_per_s_wall"],
-                "live_scorer": slm["tokens_per_s_wall"],
-                "prefilled": pre["tokens_per_s_wall"] if pre else None,
-            },
-            "throughput_ratio_live_vs_none": tp["live_scorer"] / tp["none"],
-            "throughput_ratio_prefilled_vs_none": (tp["prefilled"] / tp["none"]) if pre else None,
-            "throughput_ratio_live_vs_prefilled": (tp["live_scorer"] / tp["prefilled"])
-            if pre
-            else None,
-            "scorer": sel.get("scorer"),
-            "prefill": pre["prefill"] if pre else None,
-            "target_active_params": tgt_active,
-            "reference_active_params": ref_active,
-            "cpu_count": os.cpu_count(),
-        }
+    print(
+        f"clean val loss: CLM {res['clm_clean_val_loss']:.4f}  SLM {res['slm_clean_val_loss']:.4f}"
     )
-
-    # 4. token colouring
-    try:
-        passages = _passages(out / "slm" / "checkpoints", ref_path, slm_cfg, args.select_ratio)
-        _write_html(passages, out / "rho1_tokens.html", args.select_ratio)
-        _write_png(passages, out / "rho1_tokens.png")
-        results["passages"] = [
-            {
-                "domain": p["domain"],
-                "selected_frac": sum(t["selected"] for t in p["tokens"]) / max(1, len(p["tokens"])),
-            }
-            for p in passages
-        ]
-    except Exception as e:  # the figures must not lose the numbers
-        print(f"[rho1_demo] token colouring skipped: {type(e).__name__}: {e}", file=sys.stderr)
-    results["total_wall_s"] = time.perf_counter() - t_all
-    (out / "rho1_results.json").write_text(json.dumps(results, indent=1, default=str))
-    table = format_table(results)
-    (out / "rho1_table.md").write_text(table)
-    print(table)
+    print(
+        f"selected: noise {res['noise_selected_frac']:.3f}  clean {res['clean_selected_frac']:.3f}"
+    )
+    print(f"wrote {a.out / 'rho1_results.json'}")
     return 0
-
-
-def _f(x, fmt="{:.4f}"):
-    return "n/a" if x is None else fmt.format(x)
-
-
-def format_table(r: dict[str, Any]) -> str:
-    tp, tpw = r["tokens_per_s"], r["tokens_per_s_wall"]
-    lines = [
-        f"Target demo-cpu ({r['target_active_params'] / 1e6:.2f}M active), {r['steps']} steps, "
-        f"{r['tokens_per_run']:,} tokens per run, web noise {r['noise_share']:.0%} of samples; "
-        f"reference ref-demo ({r['reference_active_params'] / 1e6:.2f}M active) trained on "
-        "the clean domains; select_ratio "
-        f"{r['select_ratio']}.",
-        "",
-        "| run | clean val loss | "
-        + " | ".join(
-            f"val {k.split('/', 1)[1]}"
-            for k in sorted(r.get("clm_last_eval") or {})
-            if k.startswith("val_loss/")
-        )
-        + " |",
-        "|---|---|"
-        + "---|" * len([k for k in (r.get("clm_last_eval") or {}) if k.startswith("val_loss/")]),
-    ]
-    for name, key in (("CLM (mode=none)", "clm_last_eval"), ("SLM (mode=excess)", "slm_last_eval")):
-        ev = r.get(key) or {}
-        vals = " | ".join(_f(ev[k]) for k in sorted(ev) if k.startswith("val_loss/"))
-        lines.append(f"| {name} | {_f(ev.get('clean_val_loss'))} | {vals} |")
-    lines += [
-        "",
-        "| selection (SLM run, all training tokens) | selected fraction |",
-        "|---|---|",
-        f"| noise tokens (webnoise) | {_f(r['noise_selected_frac'], '{:.3f}')} |",
-        f"| clean tokens (prose, code, math) | {_f(r['clean_selected_frac'], '{:.3f}')} |",
-    ]
-    for n, v in (r.get("selected_frac_by_domain") or {}).items():
-        lines.append(f"| &nbsp;&nbsp;{n} | {_f(v, '{:.3f}')} |")
-    lines += [
-        "",
-        "| throughput | tokens/s (steps) | vs mode=none | tokens/s (wall, incl. start-up) |",
-        "|---|---|---|---|",
-        f"| mode=none | {_f(tp['none'], '{:.0f}')} | 1.00 | {_f(tpw['none'], '{:.0f}')} |",
-        f"| excess, live scorer | {_f(tp['live_scorer'], '{:.0f}')} | "
-        f"{_f(r['throughput_ratio_live_vs_none'], '{:.2f}')} | {_f(tpw['live_scorer'], '{:.0f}')} |",
-        f"| excess, prefilled store | {_f(tp['prefilled'], '{:.0f}')} | "
-        f"{_f(r['throughput_ratio_prefilled_vs_none'], '{:.2f}')} | {_f(tpw['prefilled'], '{:.0f}')} |",
-    ]
-    if r.get("prefill"):
-        p = r["prefill"]
-        lines.append(
-            f"\nOffline prefill (`sigma-moe score`): {p['rows_written']} samples in "
-            f"{p['seconds']:.1f} s ({p['tokens_per_s']:.0f} tokens/s)."
-        )
-    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
