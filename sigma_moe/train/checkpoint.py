@@ -418,6 +418,7 @@ class Checkpointer:
         self.cfg, self.root, self.world, self.resume = cfg, out_dir / "checkpoints", world, resume
         self.last_saved = -1
         self.failed = False  # a save failed: do not try again at the end of the run
+        self._signal: str | None = None
         self._pid0: int | None = None
 
     # ---------------------------------------------------------------- resume
@@ -431,7 +432,28 @@ class Checkpointer:
                 _log(f"[checkpoint] removing unfinished save {p}")
                 shutil.rmtree(p, ignore_errors=True)
 
+    def _install_stop_handlers(self, trainer) -> None:
+        """SIGTERM/SIGINT stop the run after the current step, with a checkpoint. With several
+        processes a signal may reach the ranks at different moments; if one rank left the loop a
+        step before the others, their collectives would no longer pair up. So a signal is only
+        recorded here and the ranks agree at the end of every step (`on_step_end`); a single
+        process stops right away as the loop's own handler does."""
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handler(signum, frame):
+            self._signal = signal.Signals(signum).name
+            if self.world.world_size == 1:
+                trainer.stop_requested = self._signal
+
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, handler)
+
     def on_resume(self, trainer):
+        self._install_stop_handlers(trainer)
         self._pid0 = _broadcast(os.getpid())
         self._clean_stale()
         _barrier()
@@ -664,6 +686,10 @@ class Checkpointer:
 
     def on_step_end(self, trainer, m):
         step = m["step"]
+        if self.world.world_size > 1:  # every rank stops after the same step (see above)
+            local = self._signal or trainer.stop_requested
+            if _agree_any(local is not None) and trainer.stop_requested is None:
+                trainer.stop_requested = local or "signal on another rank"
         if step % self.cfg.checkpoint.every == 0 or trainer.stop_requested is not None:
             self.save(trainer)
             if trainer.stop_requested is not None and self.world.is_main:

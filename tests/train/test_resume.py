@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from _ckpt_util import PY, REPO, baseline_run, evals, losses, subprocess_env, train_in_process
 
 from sigma_moe.train.checkpoint import checkpoint_problem, resolve_checkpoint
@@ -103,3 +104,50 @@ def test_resume_with_rho1_scorer_is_bitwise_exact(tmp_path):
     la, lb = losses(a), losses(b)
     assert sorted(lb) == [1, 2, 3, 4]
     assert la == lb
+
+
+@pytest.mark.distributed
+def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    """torchrun, 2 gloo processes (EP=2): SIGTERM reaches only rank 1; the ranks agree at the end
+    of the step, both save the same checkpoint and the run exits with code 0."""
+    import os
+    import signal
+    import socket
+    import time
+
+    from _ckpt_util import BASE_SETS
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "run"
+    extra = ["parallel.ep_size=2", "train.max_steps=200", "checkpoint.every=1000"]
+    sets = [a for s in BASE_SETS + extra for a in ("--set", s)]
+    cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(port), "-m", "sigma_moe.cli", "train", str(REPO / "configs" / "test-tiny.yaml"),
+           "--out", str(run), *sets]  # fmt: skip
+    p = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        m = run / "metrics.jsonl"
+        deadline = time.time() + 300
+        while not (m.is_file() and m.read_text().count('"loss"') >= 2):
+            assert p.poll() is None and time.time() < deadline, "training did not start"
+            time.sleep(0.2)
+        ps = subprocess.run(["ps", "--ppid", str(p.pid), "-o", "pid=,args="],
+                            capture_output=True, text=True).stdout  # fmt: skip
+        workers = [int(x.split()[0]) for x in ps.splitlines() if "sigma_moe.cli" in x]
+        assert len(workers) == 2, ps
+        os.kill(workers[1], signal.SIGTERM)
+        _, err = p.communicate(timeout=300)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, err[-3000:]
+    assert "signal on another rank: saved step" in err
+    ck = run / "checkpoints"
+    tag = (ck / "latest").read_text().strip()
+    step = int(tag[5:])
+    assert 2 <= step < 200
+    assert checkpoint_problem(ck / tag) is None
+    assert len(list((ck / tag).glob("rng_rank*.pt"))) == 2
