@@ -407,12 +407,14 @@ def _optimizer_param_names(trainer) -> list[list[str]] | None:
 
 
 class Checkpointer:
-    """Save every `checkpoint.every` steps, at the end and on SIGTERM/SIGINT (the loop sets
+    """Save every `checkpoint.every` steps, at the end and on SIGTERM/SIGINT (the ranks agree on
     `trainer.stop_requested`, this saves, the loop exits); resume before training starts.
 
     `resume`: "none", "auto" (newest complete checkpoint under <run>/checkpoints, skipping
-    damaged ones with a warning; a fresh start if there is none) or a path (a checkpoints/
-    folder, a run folder or one checkpoint; an error if it cannot be loaded)."""
+    damaged ones with a warning naming them; a fresh start if there is none, an error if every
+    one is damaged) or a path (a checkpoints/ folder, a run folder or one checkpoint; an error
+    if it cannot be loaded). A checkpoint of another EP size, process count or ZeRO stage is
+    reshaped on load (`sigma_moe.train.reshape`)."""
 
     def __init__(self, cfg, out_dir: Path, world, resume: str):
         self.cfg, self.root, self.world, self.resume = cfg, out_dir / "checkpoints", world, resume
