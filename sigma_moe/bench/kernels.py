@@ -1,0 +1,210 @@
+"""`sigma-moe bench kernels`: each op's backends against its torch reference, side by side.
+
+Per op, forward+backward at the Sigma-MoE-Tiny layer ratios (T=4096 tokens, D=512, F=256,
+E=96; top-1 and top-8 for the routing ops).  CPU: the torch backend vs the reference, plus the
+alternatives measured when choosing the grouped-SwiGLU design.  CUDA: the triton backend too.
+The interpreter backend is for correctness only (minutes per call at these sizes): not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+import torch
+
+import sigma_moe_kernels as K
+
+from .common import (
+    describe_machine,
+    gemm_flops,
+    machine_info,
+    markdown_table,
+    time_side_by_side,
+    write_json,
+)
+
+# the module (the package attribute of the same name is the op function)
+gs_mod = importlib.import_module("sigma_moe_kernels.grouped_swiglu")
+
+
+class _AltGroupedSwiGLU(torch.autograd.Function):
+    """Runs an alternative (fwd, bwd) pair of grouped-SwiGLU implementations under autograd."""
+
+    @staticmethod
+    def forward(ctx, x, counts, wg, wu, wd, fwd, bwd):
+        y, hg, hu = fwd(x, counts, wg, wu, wd)
+        ctx.save_for_backward(x, counts, wg, wu, wd, hg, hu)
+        ctx.bwd = bwd
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        dx, dwg, dwu, dwd = ctx.bwd(dy.contiguous(), *ctx.saved_tensors)
+        return dx, None, dwg, dwu, dwd, None, None
+
+
+def _ranged(alpha, max_rows):
+    def fwd(*a):
+        return gs_mod._fwd_torch(*a, alpha=alpha, max_rows=max_rows)
+
+    def bwd(*a):
+        return gs_mod._bwd_torch(*a, alpha=alpha, max_rows=max_rows)
+
+    return fwd, bwd
+
+
+def _grouped_mm_swiglu(x, counts, wg, wu, wd):
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    hg = torch._grouped_mm(x, wg, offs=offs)
+    hu = torch._grouped_mm(x, wu, offs=offs)
+    return torch._grouped_mm(torch.nn.functional.silu(hg) * hu, wd, offs=offs)
+
+
+def _swiglu_flops(N, D, F):
+    return 18.0 * N * D * F  # 3 GEMMs forward (2*N*D*F each), twice that backward
+
+
+def run(quick: bool = False, repeats: int | None = None, device: str | None = None) -> dict:
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    T, D, F, E = (1024, 256, 128, 96) if quick else (4096, 512, 256, 96)
+    reps = repeats or (3 if quick else 7)
+    info = machine_info()
+    peak = gemm_flops(dev, m=T, k=D, n=D)
+    rows: list[dict] = []
+    gen = torch.Generator().manual_seed(0)
+    backends = ["torch"] + (["triton"] if dev.type == "cuda" else [])
+
+    # ---------------- topk_route ----------------
+    for k in (1, 8):
+        logits = torch.randn(T, E, generator=gen).to(dev).requires_grad_()
+        gw = torch.randn(T, k, generator=gen).to(dev)
+
+        def route(fn, logits=logits, gw=gw, k=k):
+            w, _, _, ps = fn(logits, k)
+            ((w * gw).sum() + ps.sum()).backward()
+
+        fns = {"reference": lambda route=route: route(K.reference.topk_route)}
+        for be in backends:
+            fns[be] = lambda route=route, be=be: route(
+                lambda lg, kk: K.topk_route(lg, kk, backend=be)
+            )
+        res = time_side_by_side(fns, reps, 2, dev)
+        rows += _rows("topk_route", f"T={T} E={E} k={k}", res, None, peak)
+
+    # ---------------- permute + unpermute ----------------
+    for k in (1, 8):
+        x = torch.randn(T, D, generator=gen).to(dev).requires_grad_()
+        experts = torch.rand(T, E, generator=gen).argsort(-1)[:, :k].to(dev)
+        w = torch.rand(T, k, generator=gen).to(dev).requires_grad_()
+        g = torch.randn(T, D, generator=gen).to(dev)
+
+        def perm(p, u, x=x, experts=experts, w=w, g=g):
+            xs, rm = p(x, experts)
+            u(xs, rm, w).backward(g)
+
+        fns = {"reference": lambda perm=perm: perm(K.reference.permute, K.reference.unpermute)}
+        for be in backends:
+            fns[be] = lambda perm=perm, be=be: perm(
+                lambda a, b: K.permute(a, b, backend=be),
+                lambda a, b, c: K.unpermute(a, b, c, backend=be),
+            )
+        res = time_side_by_side(fns, reps, 2, dev)
+        rows += _rows("permute+unpermute", f"T={T} D={D} k={k}", res, None, peak)
+
+    # ---------------- grouped_swiglu ----------------
+    N = T
+    counts = torch.bincount(torch.randint(0, E, (N,), generator=gen), minlength=E).to(dev)
+    x = torch.randn(N, D, generator=gen).to(dev).requires_grad_()
+    ws = [
+        (torch.randn(*s, generator=gen) * 0.02).to(dev).requires_grad_()
+        for s in ((E, D, F), (E, D, F), (E, F, D))
+    ]
+    g = torch.randn(N, D, generator=gen).to(dev)
+
+    def gsw(fn):
+        fn(x, counts, *ws).backward(g)
+
+    fns = {"reference": lambda: gsw(K.reference.grouped_swiglu)}
+    for be in backends:
+        fns[be] = lambda be=be: gsw(lambda *a: K.grouped_swiglu(*a, backend=be))
+    if dev.type == "cpu":
+        alts = {
+            "alt: per-expert torch.mm loop, manual bwd": (
+                gs_mod._fwd_torch_loop,
+                gs_mod._bwd_torch_loop,
+            ),
+            "alt: one padded bmm (single range)": _ranged(10**9, 10**9),
+            "alt: ranged bmm, ranges <= 256 rows": _ranged(gs_mod._ALPHA_ROWS, 256),
+            "alt: ranged bmm, ranges <= 1024 rows": _ranged(gs_mod._ALPHA_ROWS, 1024),
+            "alt: ranged bmm, alpha=16": _ranged(16, gs_mod._MAX_RANGE_ROWS),
+            "alt: ranged bmm, alpha=128": _ranged(128, gs_mod._MAX_RANGE_ROWS),
+        }
+        for name, (f, b) in alts.items():
+            fns[name] = lambda f=f, b=b: gsw(lambda *a, f=f, b=b: _AltGroupedSwiGLU.apply(*a, f, b))
+        try:
+            _grouped_mm_swiglu(x.detach(), counts, *(w.detach() for w in ws))
+            fns["alt: torch._grouped_mm + autograd"] = lambda: gsw(_grouped_mm_swiglu)
+        except (RuntimeError, NotImplementedError):
+            pass
+    res = time_side_by_side(fns, reps, 1, dev)
+    rows += _rows("grouped_swiglu", f"N={N} D={D} F={F} E={E}", res, _swiglu_flops(N, D, F), peak)
+    # dense yardstick: same FLOPs as one GEMM-chain of the same rows
+    return {"machine": info, "gemm_flops_per_s": peak, "shape": dict(T=T, D=D, F=F, E=E),
+            "rows": rows}  # fmt: skip
+
+
+def _rows(op, case, res, flops, peak):
+    ref = res["reference"]["median_ms"]
+    out = []
+    for name, r in res.items():
+        row = {
+            "op": op,
+            "case": case,
+            "impl": name,
+            "median_ms": r["median_ms"],
+            "min_ms": r["min_ms"],
+            "speedup_vs_ref": ref / r["median_ms"],
+        }
+        if flops:
+            rate = flops / (r["median_ms"] * 1e-3)
+            row["gflops"] = rate / 1e9
+            row["frac_of_gemm"] = rate / peak
+        out.append(row)
+    return out
+
+
+COLUMNS = [
+    ("op", "op"),
+    ("case", "case"),
+    ("impl", "implementation"),
+    ("median_ms", "median ms"),
+    ("min_ms", "min ms"),
+    ("speedup_vs_ref", "x vs reference"),
+    ("gflops", "GFLOP/s"),
+    ("frac_of_gemm", "fraction of dense GEMM"),
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="sigma-moe bench kernels", description="Benchmark each kernel op vs its reference."
+    )
+    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    ap.add_argument("--quick", action="store_true", help="small shapes, 3 repeats (smoke test)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7)")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = run(args.quick, args.repeats, args.device)
+    print(describe_machine(out["machine"]))
+    print(f"dense GEMM rate measured in this run: {out['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s\n")
+    print(markdown_table(out["rows"], COLUMNS))
+    write_json(args.json, out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
