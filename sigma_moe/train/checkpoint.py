@@ -31,6 +31,7 @@ are untouched.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import random
@@ -192,6 +193,7 @@ def set_rng_state(st: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
+@functools.lru_cache(maxsize=1)
 def code_version() -> str:
     """Package version plus the git commit of the source tree when there is one."""
     v = sigma_moe.__version__
