@@ -160,7 +160,14 @@ def _bench(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if argv and argv[0] in PASSTHROUGH:
+        # argparse's REMAINDER does not take a leading option (`score --help`): hand the
+        # command's own parser everything after the command name.
+        args = argparse.Namespace(command=argv[0], rest=list(argv[1:]))
+        args.func = _passthrough(*PASSTHROUGH[argv[0]][:2])
+    else:
+        args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return args.func(args)
