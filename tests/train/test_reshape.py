@@ -148,3 +148,15 @@ def test_zero_stage_change_on_load(tmp_path, stage):
     )
     assert check.checked > 0
     _close(losses(run), losses(src), [3, 4])
+
+
+def test_convert_checkpoint_cli_help_and_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["convert-checkpoint", "--help"])
+    assert e.value.code == 0 and "--ep-size" in capsys.readouterr().out
+    ck = baseline_run() / "checkpoints"
+    assert cli.main(["convert-checkpoint", str(ck), str(tmp_path / "o"), "--ep-size", "3"]) == 2
+    assert "--ep-size 3 must be >= 1 and divide num_experts (8)" in capsys.readouterr().err
+    assert cli.main(["convert-checkpoint", str(tmp_path / "none"), str(tmp_path / "o"),
+                     "--ep-size", "2"]) == 2  # fmt: skip
+    assert "no checkpoint at" in capsys.readouterr().err
