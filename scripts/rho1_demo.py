@@ -14,7 +14,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sigma_moe.rho1.experiment import DEFAULT_REF_STEPS, DEFAULT_STEPS, run_rho1_experiment
+from sigma_moe.rho1.experiment import (
+    DEFAULT_REF_STEPS,
+    DEFAULT_STEPS,
+    measure_throughput,
+    run_rho1_experiment,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +35,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-prefilled", action="store_true", help="skip the prefilled-store run")
     ap.add_argument("--reference", type=Path, default=None, help="reuse a trained reference")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ap.add_argument(
+        "--throughput-only",
+        action="store_true",
+        help="only the interleaved throughput comparison (needs --reference); --steps per run",
+    )
+    ap.add_argument("--repeats", type=int, default=2, help="throughput: runs per variant")
     a = ap.parse_args(argv)
+    if a.throughput_only:
+        if a.reference is None:
+            ap.error("--throughput-only needs --reference")
+        t = measure_throughput(
+            a.out, a.reference, a.steps, a.repeats, a.noise_share, a.select_ratio, a.seed
+        )
+        for k, v in t["tokens_per_s"].items():
+            print(f"{k:<12} {v:8.0f} tokens/s (steps)  {t['tokens_per_s_wall'][k]:8.0f} (wall)")
+        print(f"live / none {t['throughput_ratio_live_vs_none']:.3f}")
+        return 0
     res = run_rho1_experiment(
         a.out,
         a.steps,

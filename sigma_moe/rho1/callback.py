@@ -86,6 +86,8 @@ class Rho1Callback:
             ranks=_node_ranks(self.world) if dp > 1 else None,
             num_threads=self.num_threads,
             spawn=spawn,
+            # inline: the trainer's own device; side process: the node's first GPU (or CPU)
+            device=str(self.world.device) if self.r.scorer == "inline" else None,
         )
         self._domain_names = list(trainer.train_ds.domain_names)
         self.sup.advance(trainer.state.consumed_samples)

@@ -230,20 +230,36 @@ def _write_png(passages, path: Path, max_tokens: int = 160) -> None:
 # --------------------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def run_rho1_experiment(
+    out: str | os.PathLike,
+    steps: int | None = None,
+    *,
+    ref_steps: int | None = None,
+    noise_share: float = 0.5,
+    select_ratio: float = 0.6,
+    seed: int = 1234,
+    prefilled: bool = False,
+    reference: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the experiment into ``out``; returns the results dict (also ``out/rho1_results.json``).
+
+    ``steps``: target steps per run (default 150); ``ref_steps``: reference steps (default 300);
+    ``prefilled``: also train from a store prefilled offline (for the throughput comparison).
+    """
+    args = argparse.Namespace(
+        out=Path(out),
+        steps=int(steps or DEFAULT_STEPS),
+        ref_steps=int(ref_steps or DEFAULT_REF_STEPS),
+        noise_share=float(noise_share),
+        select_ratio=float(select_ratio),
+        seed=int(seed),
+        no_prefilled=not prefilled,
+        reference=Path(reference) if reference else None,
+        progress=bool(progress),
     )
-    ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--steps", type=int, default=150, help="target training steps (each run)")
-    ap.add_argument("--ref-steps", type=int, default=300, help="reference training steps")
-    ap.add_argument("--noise-share", type=float, default=0.5, help="web-noise share of samples")
-    ap.add_argument("--select-ratio", type=float, default=0.6)
-    ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--no-prefilled", action="store_true", help="skip the prefilled-store run")
-    ap.add_argument("--reference", type=Path, default=None, help="reuse a trained reference")
-    ap.add_argument("--progress", action="store_true", help="progress bars")
-    args = ap.parse_args(argv)
+    if not 0 < args.noise_share < 1:
+        raise ValueError(f"noise_share must be in (0, 1), got {args.noise_share}")
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from sigma_moe.config import load_config
@@ -381,6 +397,85 @@ def main(argv: list[str] | None = None) -> int:
     (out / "rho1_table.md").write_text(table)
     print(table, file=sys.stderr)
     return results
+
+
+def measure_throughput(
+    out: str | os.PathLike,
+    reference: str | os.PathLike,
+    steps: int = 40,
+    repeats: int = 2,
+    noise_share: float = 0.5,
+    select_ratio: float = 0.6,
+    seed: int = 1234,
+) -> dict[str, Any]:
+    """Whole-run tokens/s of mode=none vs excess with the live scorer vs excess from a prefilled
+    store, interleaved (none, live, prefilled, none, …) so a shared machine's load drifts into
+    every variant alike. Writes ``out/rho1_throughput.json``."""
+    from sigma_moe.config import load_config
+    from sigma_moe.rho1.scorer import prefill
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    args = argparse.Namespace(
+        steps=steps, noise_share=noise_share, seed=seed, progress=False, select_ratio=select_ratio
+    )
+    base = _sets(args) + ["train.eval_every=100000"]
+    cfg_file = CONFIGS / "demo-cpu.yaml"
+    slm = base + [
+        "rho1.mode=excess",
+        f"rho1.select_ratio={select_ratio}",
+        f"rho1.reference={reference}",
+    ]
+    pre_store = out / "store-prefilled"
+    variants = {
+        "none": load_config(cfg_file, base + ["rho1.mode=none"]),
+        "live_scorer": None,  # a fresh store per repeat: the scorer must really keep pace
+        "prefilled": load_config(
+            cfg_file, slm + ["rho1.scorer=prefilled", f"rho1.store={pre_store}"]
+        ),
+    }
+    fill = prefill(variants["prefilled"], str(reference), str(pre_store), progress=False)
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in variants}
+    for r in range(repeats):
+        for name, cfg in variants.items():
+            if name == "live_scorer":
+                cfg = load_config(
+                    cfg_file, slm + ["rho1.scorer=process", f"rho1.store={out / f'store-live{r}'}"]
+                )
+            res = _train(cfg, out / f"{name}-{r}", f"throughput {name} #{r}")
+            runs[name].append(
+                {
+                    k: res[k]
+                    for k in (
+                        "tokens",
+                        "train_steps_s",
+                        "wall_s",
+                        "tokens_per_s",
+                        "tokens_per_s_wall",
+                    )
+                }
+            )
+
+    def agg(name: str, key: str) -> float:
+        xs = runs[name]
+        num = sum(x["tokens"] for x in xs)
+        den = sum(x["train_steps_s" if key == "tokens_per_s" else "wall_s"] for x in xs)
+        return num / den
+
+    res = {
+        "steps": steps,
+        "repeats": repeats,
+        "runs": runs,
+        "tokens_per_s": {k: agg(k, "tokens_per_s") for k in runs},
+        "tokens_per_s_wall": {k: agg(k, "tokens_per_s_wall") for k in runs},
+        "prefill": fill,
+    }
+    tp = res["tokens_per_s"]
+    res["throughput_ratio_live_vs_none"] = tp["live_scorer"] / tp["none"]
+    res["throughput_ratio_prefilled_vs_none"] = tp["prefilled"] / tp["none"]
+    res["throughput_ratio_live_vs_prefilled"] = tp["live_scorer"] / tp["prefilled"]
+    (out / "rho1_throughput.json").write_text(json.dumps(res, indent=1, default=str))
+    return res
 
 
 def _f(x, fmt="{:.4f}"):

@@ -105,6 +105,10 @@ def open_store(store_path, ds, mode: str, reference_fingerprint: str | None = No
     )
 
 
+def default_device() -> str:
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
 def _attn_mask(doc_BS: torch.Tensor | None) -> torch.Tensor | None:
     if doc_BS is None:
         return None
@@ -197,6 +201,7 @@ class _WorkerArgs:
     micro_batch: int
     dp: int
     ranks: list[int] | None
+    device: str = "cpu"
     crash_after_rows: int | None = None  # fault injection (tests)
     hang_after_rows: int | None = None  # fault injection (tests)
 
@@ -214,7 +219,7 @@ def _worker(args: _WorkerArgs, pos, written, heartbeat, ready, stop, errq) -> No
         tok = load_tokenizer(cfg.data.tokenizer)
         # The reference first: the likelier failure, and cheaper to import than megatron.
         what = f"loading the reference model {args.reference!r}"
-        ref = load_reference(args.reference, tok)
+        ref = load_reference(args.reference, tok, device=args.device)
         what = "building the training dataset"
         ds = build_dataset(cfg, args.num_samples, tok)
         what = f"opening the reference-loss store {args.store!r}"
@@ -280,6 +285,8 @@ class ScorerSupervisor:
         dp, ranks: data-parallel size and the trainer ranks this supervisor serves (default:
             all) — the side process scores only the samples those ranks consume.
         num_threads: torch threads of the side process.
+        device: where the reference runs (default: cuda:0 — the node's first GPU — when CUDA
+            is available, else cpu).
         startup_timeout_s: bound on the side process's start-up (default max(timeout, 120 s)).
         spawn: ``mode="process"`` only: False makes this a follower (the other trainer ranks of
             a node) that reads the store the node's scorer (run by local rank 0) fills and only
@@ -300,6 +307,7 @@ class ScorerSupervisor:
         num_threads: int = 1,
         spawn: bool = True,
         startup_timeout_s: float | None = None,
+        device: str | None = None,
         fault_injection: dict | None = None,
     ):
         self.cfg = _run_config(cfg)
@@ -323,6 +331,7 @@ class ScorerSupervisor:
         self.num_samples = self.num_samples or default_num_samples(self.cfg)
         self._fault = dict(fault_injection or {})
         self.spawn = bool(spawn)
+        self.device = device or default_device()
         self.restarts = 0
         self.wait_s_total = 0.0
         self.last_wait_s = 0.0
@@ -373,7 +382,7 @@ class ScorerSupervisor:
             from sigma_moe.rho1.reference import load_reference
 
             try:
-                self._ref = load_reference(self.reference_path, ds.tokenizer)
+                self._ref = load_reference(self.reference_path, ds.tokenizer, device=self.device)
                 self.store = open_store(self.store_path, ds, "w", self._ref.fingerprint)
             except (FileNotFoundError, ValueError) as e:
                 raise ScorerError(f"scorer cannot start: {e}") from e
@@ -409,6 +418,7 @@ class ScorerSupervisor:
             micro_batch=self.cfg.train.micro_batch_size,
             dp=self.dp,
             ranks=self.ranks,
+            device=self.device,
             crash_after_rows=self._fault.get("crash_after_rows") if first else None,
             hang_after_rows=self._fault.get("hang_after_rows") if first else None,
         )
@@ -659,7 +669,7 @@ def prefill(
 
     cfg = _run_config(cfg)
     ds = build_dataset(cfg, num_samples)
-    ref = load_reference(reference, ds.tokenizer)
+    ref = load_reference(reference, ds.tokenizer, device=default_device())
     store = open_store(store_path, ds, "w", ref.fingerprint)
     n = min(int(num_samples or default_num_samples(cfg)), len(ds))
     bs = int(batch_size or cfg.rho1.scorer_batch_size)

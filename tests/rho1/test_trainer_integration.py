@@ -29,7 +29,7 @@ def _metrics(out):
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("scorer", ["inline", "process"])
+@pytest.mark.parametrize("scorer", ["inline", pytest.param("process", marks=pytest.mark.slow)])
 def test_train_with_selection(hf_reference, tmp_path, scorer):
     cfg = _cfg(hf_reference, scorer)
     out = tmp_path / "run"
