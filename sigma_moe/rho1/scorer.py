@@ -208,6 +208,11 @@ class _WorkerArgs:
 
 def _worker(args: _WorkerArgs, pos, written, heartbeat, ready, stop, errq) -> None:
     """Entry point of the scorer side process."""
+    import signal
+
+    # Ctrl-C reaches the whole process group: the trainer decides when the scorer stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
     what = "reading the run config"
     try:
         torch.set_num_threads(max(1, args.num_threads))
@@ -244,6 +249,8 @@ def _worker(args: _WorkerArgs, pos, written, heartbeat, ready, stop, errq) -> No
                     time.sleep(1)
 
         while not stop.is_set():
+            if os.getppid() != parent:
+                break  # the trainer died (e.g. SIGKILL): do not linger as an orphan
             with heartbeat.get_lock():
                 heartbeat.value += 1
             p = int(pos.value)
