@@ -34,9 +34,14 @@ def _entry(rank: int, fn, world_size: int, port: int, init: str, args: tuple) ->
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=90))
-    elif init == "torch":
+    elif init in ("torch", "nccl"):
+        if init == "nccl":
+            torch.cuda.set_device(rank)
         dist.init_process_group(
-            "gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=90)
+            "nccl" if init == "nccl" else "gloo",
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=90),
         )
     try:
         fn(rank, world_size, *args)
@@ -49,6 +54,7 @@ def _entry(rank: int, fn, world_size: int, port: int, init: str, args: tuple) ->
 def run_distributed(fn, world_size: int, *args, init: str = "torch") -> None:
     """Run `fn(rank, world_size, *args)` in `world_size` fresh processes; a failure in any
     process fails the call (the others are terminated). `init`: "torch" (a gloo process group),
+    "nccl" (an NCCL process group, process r on GPU r),
     "deepspeed" (deepspeed.init_distributed on gloo) or "none" (only RANK, WORLD_SIZE,
     MASTER_ADDR/PORT... in the environment, as a launcher sets them)."""
     mp.spawn(

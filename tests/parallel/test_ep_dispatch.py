@@ -66,13 +66,14 @@ def _reference(scenario: str):
     return [y.detach() for y in ys], [x.grad for x in xs], W.grad
 
 
-def _worker(rank: int, world: int, scenario: str, out_dir: str) -> None:
+def _worker(rank: int, world: int, scenario: str, out_dir: str, device: str = "cpu") -> None:
     P, E, _, _ = SCENARIOS[scenario]
     ep = ExpertParallel(torch.distributed.group.WORLD, E)
     L = E // P
-    x_ND, experts_N, counts_E, g_ND = _rank_data(scenario, rank)
+    dev = torch.device("cuda", rank) if device == "cuda" else torch.device("cpu")
+    x_ND, experts_N, counts_E, g_ND = (t.to(dev) for t in _rank_data(scenario, rank))
     x_ND.requires_grad_()
-    W_local = _weights(E)[rank * L : (rank + 1) * L].clone().requires_grad_()
+    W_local = _weights(E)[rank * L : (rank + 1) * L].clone().to(dev).requires_grad_()
 
     x_local_MD, counts_L, ctx = ep.dispatch(x_ND, counts_E)
     assert counts_L.dtype == torch.int64 and counts_L.shape == (L,)
@@ -84,7 +85,7 @@ def _worker(rank: int, world: int, scenario: str, out_dir: str) -> None:
             xs, es, _, _ = _rank_data(scenario, s)
             expect.append(xs[es == rank * L + le])
     expect_MD = torch.cat(expect)
-    assert torch.equal(x_local_MD.detach(), expect_MD), "rows not grouped by local expert"
+    assert torch.equal(x_local_MD.detach().cpu(), expect_MD), "rows not grouped by local expert"
     assert counts_L.tolist() == [
         sum(int((_rank_data(scenario, s)[1] == rank * L + le).sum()) for s in range(P))
         for le in range(L)
@@ -100,12 +101,12 @@ def _worker(rank: int, world: int, scenario: str, out_dir: str) -> None:
 
     ref_y, ref_dx, ref_dW = _reference(scenario)
     res = {
-        "out": (y_ND.detach() - ref_y[rank]).abs().max().item() if y_ND.numel() else 0.0,
-        "dx": (x_ND.grad - ref_dx[rank]).abs().max().item() if x_ND.numel() else 0.0,
-        "dW": (W_local.grad - ref_dW[rank * L : (rank + 1) * L]).abs().max().item(),
+        "out": (y_ND.detach().cpu() - ref_y[rank]).abs().max().item() if y_ND.numel() else 0.0,
+        "dx": (x_ND.grad.cpu() - ref_dx[rank]).abs().max().item() if x_ND.numel() else 0.0,
+        "dW": (W_local.grad.cpu() - ref_dW[rank * L : (rank + 1) * L]).abs().max().item(),
     }
     # bf16 rows go through the same exchange unchanged (forward only).
-    xb, _, cb, _ = _rank_data(scenario, rank, torch.bfloat16)
+    xb, _, cb, _ = (t.to(dev) for t in _rank_data(scenario, rank, torch.bfloat16))
     xb_local, _, ctxb = ep.dispatch(xb, cb)
     assert xb_local.dtype == torch.bfloat16
     assert torch.equal(ep.combine(xb_local, ctxb), xb)
@@ -119,3 +120,13 @@ def test_dispatch_combine_matches_no_ep(scenario, tmp_path):
     for r, res in enumerate(read_results(tmp_path, P)):
         print(f"{scenario} rank {r}: max|Δ| {res}")
         assert res["out"] <= 1e-6 and res["dx"] <= 1e-6 and res["dW"] <= 1e-5, res
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scenario", ["uneven", "rank_receives_nothing"])
+def test_dispatch_combine_nccl(scenario, tmp_path):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    run_distributed(_worker, 2, scenario, str(tmp_path), "cuda", init="nccl")
+    for res in read_results(tmp_path, 2):
+        assert res["out"] <= 1e-5 and res["dx"] <= 1e-5 and res["dW"] <= 1e-4, res
