@@ -211,3 +211,38 @@ def test_launcher_sigterm_checkpoints_and_resumes(tmp_path):
     # so stop it with the test callback instead of a shorter run)
     run_distributed(_train, 2, str(out), ov, "auto", saved + 1, init="none")
     assert max(step_lines(out)) == saved + 1
+
+
+@pytest.mark.slow
+def test_launcher_slurm_mode_two_nodes_on_one_machine(tmp_path):
+    """`pretrain.sh --slurm` as slurm.sbatch runs it, once per "node": SLURM_JOB_NODELIST names
+    this machine twice (localhost, 127.0.0.1), SLURM_NODEID differs. Exercises the generated
+    hostfile, --node-rank (no ssh) and the master address of the multi-node path."""
+    from _dist import free_port
+
+    out = tmp_path / "two_nodes"
+    port = str(free_port())
+    cmd = [str(REPO / "launch" / "pretrain.sh"), "--slurm", "--nproc", "1"]
+    cmd += ["--master-port", port, str(CONFIG), "--out", str(out)]
+    cmd += [a for o in overrides(2, 2, steps=2) for a in ("--set", o)]
+    procs = []
+    for node in range(2):
+        env = {
+            **os.environ,
+            "PYTHON": sys.executable,
+            "SLURM_JOB_NODELIST": "localhost,127.0.0.1",
+            "SLURM_NNODES": "2",
+            "SLURM_NODEID": str(node),
+            "SLURM_JOB_ID": f"test{port}",
+            "PATH": "/usr/bin:/bin",  # no scontrol: the node list is split on commas
+        }
+        procs.append(
+            subprocess.Popen(
+                cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    assert all("dist_world_size=2" in log for log in logs)
+    assert sorted(step_lines(out)) == [1, 2]
+    assert_both_ep_ranks_saved(out / "checkpoints" / "step_00000002")
