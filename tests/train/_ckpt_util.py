@@ -148,9 +148,12 @@ def train_in_process(cfg, run_dir, resume="none", extra_callbacks=None):
 def baseline_run() -> Path:
     """The uninterrupted reference run (7 steps, checkpoints 2, 4, 6, 7), built once per session."""
     if "dir" not in _BASELINE:
+        import atexit
+        import shutil
         import tempfile
 
         d = Path(tempfile.mkdtemp(prefix="sigma-moe-baseline-")) / "run"
+        atexit.register(shutil.rmtree, d.parent, True)
         train_in_process(config(), d)
         _BASELINE["dir"] = d
     return _BASELINE["dir"]
