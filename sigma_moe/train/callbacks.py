@@ -192,6 +192,10 @@ def default_callbacks(cfg, out_dir: Path, world, resume: str) -> list:
     ck = Checkpointer(cfg, out_dir, world, resume)
     # Order matters on step end: evaluate first, so a checkpoint carries that step's eval.
     cbs: list = [Evaluator(), NanGuard(cfg, ck), ck]
+    if cfg.rho1.mode != "none":
+        from sigma_moe.rho1.callback import Rho1Callback
+
+        cbs.insert(0, Rho1Callback(cfg, out_dir, world))
     if world.is_main:
         cbs.append(MetricsWriter(out_dir / "metrics.jsonl"))
         if cfg.logging.progress:
