@@ -154,3 +154,51 @@ def test_hung_scorer_is_restarted(hf_reference, ds, tmp_path):
     with sup:
         _train_like(sup, ds)
         assert sup.restarts == 1
+
+
+_ORPHAN_SCRIPT = """
+import sys, time, yaml
+from sigma_moe.config import config_from_dict
+from sigma_moe.rho1.scorer import ScorerSupervisor
+
+if __name__ == "__main__":  # spawn re-imports the main module
+    cfg = config_from_dict(yaml.safe_load(open(sys.argv[1])))
+    sup = ScorerSupervisor(cfg, sys.argv[2]).start()
+    print("PID", sup._proc.pid, flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+def test_scorer_exits_when_trainer_is_killed(hf_reference, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = _cfg(hf_reference, scorer="process")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    (tmp_path / "t.py").write_text(_ORPHAN_SCRIPT)
+    p = subprocess.Popen(
+        [sys.executable, str(tmp_path / "t.py"), str(tmp_path / "c.yaml"), str(tmp_path / "s")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    line = ""
+    while not line.startswith("PID "):
+        line = p.stdout.readline()
+        assert line, "the helper exited before starting the scorer"
+    child = int(line.split()[1])
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait(10)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.kill(child, signal.SIGKILL)
+    pytest.fail("the scorer outlived its killed trainer")

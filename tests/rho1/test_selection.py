@@ -194,3 +194,21 @@ def test_select_mask_single_process_group_none():
     s = torch.tensor([[1.0, 1.0, 1.0]])
     v = torch.ones(1, 3, dtype=torch.bool)
     assert select_mask(s, v, 0.5).tolist() == [[True, True, False]]
+
+
+def test_callback_weight_sum_rank_and_global():
+    from sigma_moe.config import RunConfig
+    from sigma_moe.rho1.callback import Rho1Callback
+
+    cfg = RunConfig()
+    cfg.rho1.mode = "excess"
+    cfg.rho1.reference = "x"
+    cfg.rho1.select_ratio = 0.6
+    cfg.rho1.unselected_weight = 0.1
+    cb = Rho1Callback(cfg, "/tmp")
+    n_all = torch.tensor([[5.0, 3.0], [2.0, 0.0]], dtype=torch.float64)  # [dp=2, accum=2]
+    kw = dict(mode="excess", ratio=0.6, unselected_weight=0.1)
+    want_rank = sum(weight_sum(n, **kw) for n in (5, 3, 2, 0))
+    assert cb._weight_sum(n_all) == pytest.approx(want_rank)
+    cb._group = object()  # global scope: one scope per micro-step, counts summed over ranks
+    assert cb._weight_sum(n_all) == pytest.approx(weight_sum(7, **kw) + weight_sum(3, **kw))
