@@ -186,6 +186,77 @@ COLUMNS = [
 ]
 
 
+# ----------------------------------------------------------------------------------------------
+# CUDA targets: minimal bytes moved and FLOPs per op, and the H100 roofline they imply
+# ----------------------------------------------------------------------------------------------
+H100_HBM_BYTES_PER_S = 3.35e12  # H100 SXM5 HBM3
+H100_BF16_DENSE_FLOPS = 989e12  # H100 SXM5 bf16 tensor cores, dense
+
+
+def cuda_targets(T=8192, D=1536, F=768, E=96, k=1, act_bytes=2, w_bytes=2) -> list[dict]:
+    """Ideal single-pass traffic per op at Sigma-MoE-Tiny layer sizes (bf16 activations and
+    weights, fp32 router logits/probabilities, int64 indices), fwd and bwd separately."""
+    N = T * k
+    idx = 8
+    ops = {
+        # logits read, probs saved, weights/experts written
+        "topk_route fwd": (4 * T * E + 4 * T * E + (4 + idx) * T * k, 6.0 * T * E),
+        "topk_route bwd": (4 * T * E + 4 * T * E + (4 + 4 + idx) * T * k, 6.0 * T * E),
+        "permute fwd (gather)": (act_bytes * (T * D + N * D) + 2 * idx * N, 0.0),
+        "permute bwd (k-way sum)": (act_bytes * (N * D + T * D) + idx * N, float(N * D)),
+        "unpermute fwd (weighted k-way sum)": (
+            act_bytes * (N * D + T * D) + (idx + 4) * N,
+            2.0 * N * D,
+        ),
+        "unpermute bwd (scatter + row dots)": (
+            act_bytes * (T * D + 2 * N * D) + (idx + 8) * N,
+            3.0 * N * D,
+        ),
+        # weights once, x in, h_gate/h_up/a out, a in, y out
+        "grouped_swiglu fwd": (
+            w_bytes * 3 * E * D * F + act_bytes * (2 * N * D + 4 * N * F),
+            6.0 * N * D * F,
+        ),
+        # weights read, weight grads written, x/dy/hg/hu read, dx written, dhg/dhu/a round trip
+        "grouped_swiglu bwd": (
+            2 * w_bytes * 3 * E * D * F + act_bytes * (3 * N * D + 2 * N * F + 6 * N * F),
+            12.0 * N * D * F,
+        ),
+    }
+    rows = []
+    for name, (nbytes, flops) in ops.items():
+        t_bw = nbytes / H100_HBM_BYTES_PER_S
+        t_fl = flops / H100_BF16_DENSE_FLOPS
+        t = max(t_bw, t_fl)
+        rows.append(
+            {
+                "op": name,
+                "mbytes": nbytes / 1e6,
+                "gflop": flops / 1e9,
+                "intensity": flops / nbytes,
+                "bound": "HBM" if t_bw >= t_fl else "tensor",
+                "roofline_us": t * 1e6,
+                "target_us": 2 * t * 1e6,
+                "bw_frac_at_target": t_bw / (2 * t),
+                "flop_frac_at_target": t_fl / (2 * t),
+            }
+        )
+    return rows
+
+
+CUDA_COLUMNS = [
+    ("op", "op"),
+    ("mbytes", "MB moved"),
+    ("gflop", "GFLOP"),
+    ("intensity", "FLOP/byte"),
+    ("bound", "bound by"),
+    ("roofline_us", "H100 roofline us"),
+    ("target_us", "first-run target us (50% of roofline)"),
+    ("bw_frac_at_target", "HBM fraction at target"),
+    ("flop_frac_at_target", "tensor-rate fraction at target"),
+]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="sigma-moe bench kernels", description="Benchmark each kernel op vs its reference."
@@ -202,6 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     print(describe_machine(out["machine"]))
     print(f"dense GEMM rate measured in this run: {out['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s\n")
     print(markdown_table(out["rows"], COLUMNS))
+    targets = cuda_targets()
+    out["cuda_targets"] = {"shape": "T=8192 D=1536 F=768 E=96 top-1, bf16", "rows": targets}
+    print(
+        "\nCUDA targets (Sigma-MoE-Tiny layer, T=8192 tokens/GPU, D=1536, F=768, E=96, top-1, "
+        "bf16; H100 SXM 3.35 TB/s, 989 TFLOP/s):\n"
+    )
+    print(markdown_table(targets, CUDA_COLUMNS))
     write_json(args.json, out)
     return 0
 
