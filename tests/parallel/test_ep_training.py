@@ -139,7 +139,6 @@ def test_ep2_resume_matches_uninterrupted(runs):
     assert d_all <= 1e-7, d_all
 
 
-@pytest.mark.slow
 def test_ep2_edp2_four_processes_match_one_process(runs, tmp_path):
     _, ref, _ = runs
     four = train(tmp_path / "ep2_edp2_4proc", 4, 2)
