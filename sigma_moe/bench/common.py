@@ -168,13 +168,16 @@ def peak_memory_bytes(
             last_alloc.pop(ptr, None)
     excluded = {i for ptr, i in last_alloc.items() if ptr in grad_ptrs}
     live = peak = 0
-    excluded_ptrs: set[int] = set()
+    alive: set[int] = set()  # allocated inside fn and counted
     for i, (_, ptr, size) in enumerate(events):
-        if i in excluded:
-            excluded_ptrs.add(ptr)
-            continue
-        if size < 0 and ptr in excluded_ptrs:
-            continue
+        if size > 0:
+            if i in excluded:
+                continue
+            alive.add(ptr)
+        elif ptr in alive:
+            alive.discard(ptr)
+        else:
+            continue  # free of a block allocated before fn (or an excluded gradient)
         live += size
         peak = max(peak, live)
     return peak
