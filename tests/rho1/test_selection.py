@@ -132,7 +132,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _global_worker(rank, world, port, ce, ref, valid, ratio, out):
+def _global_worker(rank, world, port, ce, ref, valid, ratio, out_dir):
     import torch.distributed as dist
 
     os.environ["MASTER_ADDR"] = "127.0.0.1"
@@ -144,28 +144,24 @@ def _global_worker(rank, world, port, ce, ref, valid, ratio, out):
         w = token_weights(
             ce[sl], ref[sl], valid[sl], mode="excess", ratio=ratio, group=dist.group.WORLD
         )
-        out[rank] = w
+        torch.save(w, os.path.join(out_dir, f"w{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def _run_global(ce, ref, valid, ratio, world):
-    mgr = mp.get_context("spawn").Manager()
-    out = mgr.dict()
+def _run_global(ce, ref, valid, ratio, world, out_dir):
     mp.start_processes(
         _global_worker,
-        args=(world, _free_port(), ce, ref, valid, ratio, out),
+        args=(world, _free_port(), ce, ref, valid, ratio, str(out_dir)),
         nprocs=world,
         join=True,
         start_method="spawn",
     )
-    res = torch.cat([out[r] for r in range(world)])
-    mgr.shutdown()
-    return res
+    return torch.cat([torch.load(os.path.join(out_dir, f"w{r}.pt")) for r in range(world)])
 
 
 @pytest.mark.distributed
-def test_global_scope_matches_concatenated_batch():
+def test_global_scope_matches_concatenated_batch(tmp_path):
     g = torch.Generator().manual_seed(1)
     B, S = 4, 16
     ce = torch.randint(0, 4, (B, S), generator=g).float()  # ties across ranks
@@ -174,7 +170,7 @@ def test_global_scope_matches_concatenated_batch():
     valid[0] = False  # one fully masked row on rank 0
     ratio = 0.6
     want = token_weights(ce, ref, valid, mode="excess", ratio=ratio)
-    got = _run_global(ce, ref, valid, ratio, world=2)
+    got = _run_global(ce, ref, valid, ratio, world=2, out_dir=tmp_path)
     assert torch.equal(got, want)
     # rank scope differs in general (per-rank counts), global scope does not depend on the split
     per_rank = torch.cat(
