@@ -198,6 +198,9 @@ class _Range:
 def _ranges(
     counts: list[int], device, alpha: int = _ALPHA_ROWS, max_rows: int = _MAX_RANGE_ROWS
 ) -> list[_Range]:
+    # with many rows (top-8: N = 8T) a fixed 512-row cap degenerates into one bmm per expert;
+    # let ranges grow with N (temporaries stay ~1/16 of an N-row activation)
+    max_rows = max(max_rows, sum(counts) // 16)
     plan, _ = _plan(counts, alpha, max_rows)
     offs = [0]
     for c in counts:
