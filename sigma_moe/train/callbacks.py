@@ -195,7 +195,7 @@ def default_callbacks(cfg, out_dir: Path, world, resume: str) -> list:
     if cfg.rho1.mode != "none":
         from sigma_moe.rho1.callback import Rho1Callback
 
-        cbs.insert(0, Rho1Callback(cfg, out_dir, world))
+        cbs.append(Rho1Callback(cfg, out_dir, world))
     if world.is_main:
         cbs.append(MetricsWriter(out_dir / "metrics.jsonl"))
         if cfg.logging.progress:

@@ -307,15 +307,30 @@ class Trainer:
                 fn(self, *args)
 
     def fit(self) -> dict[str, Any]:
+        from sigma_moe.rho1.scorer import ScorerError
+
         self._call("on_resume")
         self._call("on_train_start")
         last: dict[str, Any] = {}
+        failure: ScorerError | None = None
         try:
             while self.state.step < self.cfg.train.max_steps and self.stop_requested is None:
-                last = self.train_step(self.state.step)
+                try:
+                    last = self.train_step(self.state.step)
+                except ScorerError as e:
+                    # Raised on every rank at the same call, before any forward of the step, so
+                    # the weights are those of the last completed step: checkpoint them and
+                    # stop, never train on without selection.
+                    self.stop_requested, failure = "Rho-1 scorer failure", e
+                    break
                 self._call("on_step_end", last)
         finally:
             self._call("on_train_end", last)
+        if failure is not None:
+            raise TrainingStopped(
+                f"{failure}; training stopped after step {self.state.step} with a checkpoint "
+                "(fix the scorer, then --resume auto)"
+            ) from failure
         return last
 
 
@@ -354,6 +369,18 @@ def run_training(
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
     set_seed(cfg.train.seed)
+    if (
+        cfg.rho1.mode != "none"
+        and cfg.rho1.scorer == "process"
+        and not torch.cuda.is_available()
+        and "OMP_NUM_THREADS" not in os.environ
+    ):
+        # The scorer process takes a core: two trainer threads plus its thread on 2 cores ran
+        # 5-10x slower than one each (docs/rho1.md, throughput).
+        scorer_threads = int(os.environ.get("SIGMA_MOE_SCORER_THREADS", "1"))
+        torch.set_num_threads(
+            max(1, (os.cpu_count() or 1) // max(world.world_size, 1) - scorer_threads)
+        )
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     num_samples = cfg.train.max_steps * cfg.train.global_batch_size
     train_ds = build_train_dataset(
