@@ -29,7 +29,10 @@ def run_demo(out: Path, steps: int | None = None, rho1: bool = True) -> dict:
     print(f"[demo] bundled corpus and datasets: {ensure_bundled_data()}", file=sys.stderr)
     overrides = [f"train.max_steps={steps}"] if steps else []
     cfg = load_config(_config_path("demo-cpu.yaml"), overrides)
-    print(f"[demo] training the demo-cpu MoE ({cfg.train.max_steps} steps) into {out / 'moe'}", file=sys.stderr)
+    print(
+        f"[demo] training the demo-cpu MoE ({cfg.train.max_steps} steps) into {out / 'moe'}",
+        file=sys.stderr,
+    )
     summary = run_training(cfg, out / "moe")
     result = {"moe": summary}
     first, last = summary["first_eval"]["val_loss"], summary["last_eval"]["val_loss"]
@@ -40,7 +43,10 @@ def run_demo(out: Path, steps: int | None = None, rho1: bool = True) -> dict:
         result["rho1"] = run_rho1_experiment(out / "rho1", steps=steps)
     result["wall_time_s"] = time.perf_counter() - t0
     (out / "demo_summary.json").write_text(json.dumps(result, indent=1, default=str))
-    print(f"\n[demo] average validation loss {first:.3f} -> {last:.3f} "
-          f"({result['val_loss_drop_pct']:.1f}% lower); plots in {out / 'moe' / 'plots'}; "
-          f"total {result['wall_time_s'] / 60:.1f} min", file=sys.stderr)
+    print(
+        f"\n[demo] average validation loss {first:.3f} -> {last:.3f} "
+        f"({result['val_loss_drop_pct']:.1f}% lower); plots in {out / 'moe' / 'plots'}; "
+        f"total {result['wall_time_s'] / 60:.1f} min",
+        file=sys.stderr,
+    )
     return result
