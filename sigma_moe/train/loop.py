@@ -369,18 +369,6 @@ def run_training(
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
     set_seed(cfg.train.seed)
-    if (
-        cfg.rho1.mode != "none"
-        and cfg.rho1.scorer == "process"
-        and not torch.cuda.is_available()
-        and "OMP_NUM_THREADS" not in os.environ
-    ):
-        # The scorer process takes a core: two trainer threads plus its thread on 2 cores ran
-        # 5-10x slower than one each (docs/rho1.md, throughput).
-        scorer_threads = int(os.environ.get("SIGMA_MOE_SCORER_THREADS", "1"))
-        torch.set_num_threads(
-            max(1, (os.cpu_count() or 1) // max(world.world_size, 1) - scorer_threads)
-        )
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     num_samples = cfg.train.max_steps * cfg.train.global_batch_size
     train_ds = build_train_dataset(
