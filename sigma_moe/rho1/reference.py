@@ -105,8 +105,9 @@ def load_reference(
     return ref
 
 
-def _load_ours(p: Path, tok_fp: str, device) -> ReferenceModel:
-    from sigma_moe.train.checkpoint import load_model_for_inference, resolve_checkpoint
+def _checked_checkpoint(p: Path, tok_fp: str) -> tuple[Path, str]:
+    """Our checkpoint folder behind `p` and its tokenizer fingerprint, which must be `tok_fp`."""
+    from sigma_moe.train.checkpoint import resolve_checkpoint
 
     try:
         ckpt = resolve_checkpoint(p)
@@ -115,15 +116,21 @@ def _load_ours(p: Path, tok_fp: str, device) -> ReferenceModel:
             f"rho1.reference {str(p)!r} is neither a checkpoint of ours nor a transformers model "
             f"folder (no config.json): {e}"
         ) from e
-    # Check the tokenizer before building the model: cheap and the clearer error.
-    meta = json.loads((ckpt / "meta.json").read_text())
-    ref_tok = meta.get("tokenizer_fingerprint")
+    ref_tok = json.loads((ckpt / "meta.json").read_text()).get("tokenizer_fingerprint")
     if ref_tok != tok_fp:
         raise ValueError(
             f"rho1.reference {str(ckpt)!r} was trained with tokenizer fingerprint {ref_tok!r}, "
             f"but this run's tokenizer has fingerprint {tok_fp!r}: the reference must use the "
             "same tokenizer"
         )
+    return ckpt, ref_tok
+
+
+def _load_ours(p: Path, tok_fp: str, device) -> ReferenceModel:
+    from sigma_moe.train.checkpoint import load_model_for_inference
+
+    # Check the tokenizer before building the model: cheap and the clearer error.
+    ckpt, ref_tok = _checked_checkpoint(p, tok_fp)
     model, _cfg, meta = load_model_for_inference(ckpt, device=device)
     fp = _weights_fingerprint(ckpt, [ckpt / "meta.json", ckpt / "config.yaml"])
     return ReferenceModel(
@@ -206,22 +213,7 @@ def check_reference_tokenizer(path: str | os.PathLike, tokenizer: Any = "bundled
                     "must use the same tokenizer"
                 )
         return
-    from sigma_moe.train.checkpoint import resolve_checkpoint
-
-    try:
-        ckpt = resolve_checkpoint(p)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(
-            f"rho1.reference {str(p)!r} is neither a checkpoint of ours nor a transformers model "
-            f"folder (no config.json): {e}"
-        ) from e
-    ref_tok = json.loads((ckpt / "meta.json").read_text()).get("tokenizer_fingerprint")
-    if ref_tok != tok_fp:
-        raise ValueError(
-            f"rho1.reference {str(ckpt)!r} was trained with tokenizer fingerprint {ref_tok!r}, "
-            f"but this run's tokenizer has fingerprint {tok_fp!r}: the reference must use the "
-            "same tokenizer"
-        )
+    _checked_checkpoint(p, tok_fp)
 
 
 def reference_fingerprint(path: str | os.PathLike) -> str:
