@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -107,6 +108,10 @@ def _build_with_locks(prefixes: list[str], builder) -> list:
             for p in sorted(set(prefixes)):
                 pp = Path(p)
                 stack.enter_context(file_lock(pp.parent / f".{pp.name}.index.lock"))
+                # Rebuild megatron's sample indices every time (milliseconds here): a stale
+                # index cache left by a killed run was seen to feed garbage samples to later
+                # runs of the test suite. Readers of the old files keep their mmaps.
+                shutil.rmtree(pp / "cache", ignore_errors=True)
         return builder.build()
 
 
