@@ -8,6 +8,7 @@ pick tokens after the fact without a second forward.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from sigma_moe.model.attention import Attention, RMSNorm, rope_cache
+from sigma_moe.model.checkpoint_io import read_model_checkpoint
 from sigma_moe.model.config import SigmaMoEConfig
 from sigma_moe.model.moe import MoEStats, SigmaMoELayer
 
@@ -69,6 +71,22 @@ class SigmaMoEForCausalLM(nn.Module):
             nn.init.normal_(blk.attn.o_proj.weight, 0.0, std / (2 * self.config.num_layers) ** 0.5)
         nn.init.normal_(self.embed.weight, 0.0, std)
         nn.init.normal_(self.lm_head.weight, 0.0, std)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> SigmaMoEForCausalLM:
+        """The trained model of a checkpoint on CPU, in eval mode, fp32: `path` is a run's
+        `checkpoints/` folder (its newest complete checkpoint) or one checkpoint folder; any
+        ZeRO stage or EP size (every expert gathered, EP=1 layout); top-k per layer as at
+        the saved step. Reads only the checkpoint (no DeepSpeed, no run config)."""
+        config, state, _meta = read_model_checkpoint(path)
+        model = cls(config)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise ValueError(
+                f"checkpoint {path} does not fit its recorded model config: {e}"
+            ) from e
+        return model.float().eval()
 
     # ------------------------------------------------------------------ routing schedule
 

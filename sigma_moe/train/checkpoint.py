@@ -49,6 +49,10 @@ import torch.distributed as dist
 import yaml
 
 import sigma_moe
+from sigma_moe.model.checkpoint_io import (  # the weight reader lives with the model
+    load_full_state_dict,
+    model_config_record,
+)
 
 META = "meta.json"
 UNIVERSAL = "universal_state.pt"  # layout-free state written by `sigma-moe convert-checkpoint`
@@ -289,34 +293,6 @@ def shape_mismatch(ckpt: Path, meta: dict[str, Any], model, ep_size: int) -> str
 
 
 # --------------------------------------------------------------------------- inference loading
-
-
-def _expert_files(ckpt: Path) -> dict[int, list[Path]]:
-    """layer index → the per-EP-rank expert files, in EP-rank order."""
-    out: dict[int, dict[int, Path]] = {}
-    for f in ckpt.glob("layer_*_expert_*_mp_rank_00_model_states.pt"):
-        parts = f.name.split("_")
-        out.setdefault(int(parts[1]), {})[int(parts[3])] = f
-    return {layer: [files[r] for r in sorted(files)] for layer, files in out.items()}
-
-
-def load_full_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
-    """Module state dict with every expert of every layer (EP slices concatenated in order)."""
-    if (ckpt / UNIVERSAL).is_file():
-        return dict(torch.load(ckpt / UNIVERSAL, map_location="cpu", weights_only=False)["module"])
-    main = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    state = dict(main["module"])
-    for _layer, files in sorted(_expert_files(ckpt).items()):
-        slices: dict[str, list[torch.Tensor]] = {}
-        for r, f in enumerate(files):
-            sd = torch.load(f, map_location="cpu", weights_only=False)
-            for k, v in sd.items():
-                # DeepSpeed names the stacked local block by its global "expert" id (= EP rank).
-                key = k.replace(f"deepspeed_experts.{r}.", "deepspeed_experts.0.")
-                slices.setdefault(key, []).append(v)
-        for k, vs in slices.items():
-            state[k] = torch.cat(vs, dim=0)
-    return state
 
 
 def load_model_for_inference(path: str | Path, device: str | torch.device = "cpu"):
@@ -591,7 +567,6 @@ class Checkpointer:
             for f in sorted(path.iterdir())
             if f.is_file() and f.name != META
         }
-        mc = trainer.model.config
         return build_meta(
             trainer.state.step,
             trainer.state.consumed_samples,
@@ -603,7 +578,7 @@ class Checkpointer:
                 "zero_stage": self.cfg.parallel.zero_stage,
                 "global_batch_size": self.cfg.train.global_batch_size,
                 "data_identity": self._data_identity(),
-                "model_config": {f: getattr(mc, f, None) for f in SHAPE_FIELDS},
+                "model_config": model_config_record(trainer.model),
                 "param_shapes": global_param_shapes(trainer.model, self.cfg.parallel.ep_size),
                 "files": files,
                 "optimizer_param_names": _optimizer_param_names(trainer),
