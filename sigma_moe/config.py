@@ -56,9 +56,25 @@ class ModelSection:
     moe_ffn_size: int | None = None
     router_topk: int | list[int] | None = None
     topk_schedule: list[TopkPhase] = field(default_factory=list)
-    lb_loss_type: Literal["global_batch", "micro_batch", "none"] = "global_batch"
+    # Balance loss N_E·Σ f_i·p_i per layer: f over the data-parallel group's tokens
+    # (global_batch), this micro-batch's (micro_batch) or each sequence's (sequence).
+    lb_loss_type: Literal["global_batch", "micro_batch", "sequence", "none"] = "global_batch"
+    # Megatron-core's meaning (since 2026-12): each layer's loss is multiplied by the coefficient
+    # and the layers' terms are SUMMED. Before, the coefficient scaled the MEAN over layers, so a
+    # recipe written for that divides its values by num_layers (configs/ did: demo-cpu 0.01 ->
+    # 0.0025 at 4 layers, so its behaviour is unchanged).
     lb_coeff: float = 0.01
     z_loss_coeff: float = 1.0e-3
+    # DeepSeek-V3 aux-loss-free balancing: a per-expert bias on the router probabilities for the
+    # top-k choice only (gates unchanged), after each step += rate · sign(mean load − load) from
+    # the global batch's counts. Combine with lb_loss_type: none (pure) or a small sequence loss.
+    router_bias_update: Literal["none", "aux_free"] = "none"
+    bias_update_rate: float = 1.0e-3
+    # Resuming a checkpoint saved without a router bias into a run with one is refused unless
+    # this is true (the bias then starts at zero).
+    router_bias_start_zero: bool = False
+    # Always-on SwiGLU experts of moe_ffn_size added to the routed output (data-parallel).
+    num_shared_experts: int = 0
     capacity_factor: float | None = None
     kernel_backend: Literal["auto", "torch", "triton", "interpret"] = "auto"
 
@@ -89,6 +105,16 @@ class ModelSection:
         _check(self.lb_coeff >= 0, f"{key}.lb_coeff", f"must be >= 0, got {self.lb_coeff}")
         _check(
             self.z_loss_coeff >= 0, f"{key}.z_loss_coeff", f"must be >= 0, got {self.z_loss_coeff}"
+        )
+        _check(
+            self.bias_update_rate >= 0,
+            f"{key}.bias_update_rate",
+            f"must be >= 0, got {self.bias_update_rate}",
+        )
+        _check(
+            self.num_shared_experts >= 0,
+            f"{key}.num_shared_experts",
+            f"must be >= 0, got {self.num_shared_experts}",
         )
         _check(
             self.capacity_factor is None or self.capacity_factor > 0,

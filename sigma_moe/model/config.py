@@ -6,6 +6,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+LB_LOSS_TYPES = ("global_batch", "micro_batch", "sequence", "none")
+ROUTER_BIAS_UPDATES = ("none", "aux_free")
+
 
 @dataclass
 class SigmaMoEConfig:
@@ -23,9 +26,19 @@ class SigmaMoEConfig:
     rope_theta: float = 10000.0
     rms_eps: float = 1e-6
     max_seq_len: int = 4096
-    lb_loss_type: str = "global_batch"  # global_batch | micro_batch | none
+    lb_loss_type: str = "global_batch"  # global_batch | micro_batch | sequence | none
+    # Megatron-core's meaning: each layer's balance / z loss is multiplied by its coefficient and
+    # the layers' terms are SUMMED (until 2026-12 we took the mean over layers: a factor of
+    # num_layers apart; tests/model/test_balancing.py pins the sum).
     lb_coeff: float = 0.01
     z_loss_coeff: float = 1e-3
+    # DeepSeek-V3 aux-loss-free balancing: a per-expert bias added to the router probabilities
+    # for the top-k choice only, updated after each step by rate · sign(mean load − load).
+    router_bias_update: str = "none"  # none | aux_free
+    bias_update_rate: float = 1e-3
+    # Always-on SwiGLU experts of moe_ffn_size added to the routed output (DeepSeek/Qwen style);
+    # 0 = Sigma-MoE-Tiny. Dense (data-parallel) parameters, never sharded over EP ranks.
+    num_shared_experts: int = 0
     capacity_factor: float | None = None  # None: dropless
     kernel_backend: str = "auto"
     ep_size: int = 1
@@ -55,9 +68,24 @@ class SigmaMoEConfig:
         if self.head_dim % 2:
             bad("head_dim", f"RoPE needs an even head_dim, got {self.head_dim}")
         if self.num_experts % self.ep_size:
-            bad("ep_size", f"{self.ep_size} does not divide num_experts={self.num_experts}")
-        if self.lb_loss_type not in ("global_batch", "micro_batch", "none"):
-            bad("lb_loss_type", f"unknown {self.lb_loss_type!r}")
+            shared = (
+                f" (num_experts counts the routed experts only; the {self.num_shared_experts} "
+                "shared experts are data-parallel and never split over EP ranks)"
+                if self.num_shared_experts
+                else ""
+            )
+            bad("ep_size", f"{self.ep_size} does not divide num_experts={self.num_experts}{shared}")
+        if self.lb_loss_type not in LB_LOSS_TYPES:
+            bad("lb_loss_type", f"unknown {self.lb_loss_type!r}; known: {list(LB_LOSS_TYPES)}")
+        if self.router_bias_update not in ROUTER_BIAS_UPDATES:
+            bad(
+                "router_bias_update",
+                f"unknown {self.router_bias_update!r}; known: {list(ROUTER_BIAS_UPDATES)}",
+            )
+        if not self.bias_update_rate >= 0:
+            bad("bias_update_rate", f"must be >= 0, got {self.bias_update_rate}")
+        if self.num_shared_experts < 0:
+            bad("num_shared_experts", f"must be >= 0, got {self.num_shared_experts}")
 
     # ------------------------------------------------------------------ presets
 
@@ -86,8 +114,13 @@ class SigmaMoEConfig:
         return 3 * self.hidden_size * self.moe_ffn_size
 
     def _layer_fixed_params(self) -> int:
-        # attention + router + the two pre-norms
-        return self._attn_params() + self.hidden_size * self.num_experts + 2 * self.hidden_size
+        # attention + router + the two pre-norms + the always-on shared experts
+        return (
+            self._attn_params()
+            + self.hidden_size * self.num_experts
+            + 2 * self.hidden_size
+            + self.num_shared_experts * self._expert_params()
+        )
 
     def num_params(self) -> int:
         emb = self.vocab_size * self.hidden_size * (1 if self.tie_embeddings else 2)

@@ -1,8 +1,8 @@
 """SigmaMoEForCausalLM: embed → N × [RMSNorm → GQA attention → RMSNorm → MoE FFN] → norm → head.
 
-Reads top to bottom (nanoGPT style). Every layer is MoE (no dense layers, no shared expert), as
-in Sigma-MoE-Tiny. The forward returns per-token CE (no reduction) so the Rho-1 selection can
-pick tokens after the fact without a second forward.
+Reads top to bottom (nanoGPT style). Every layer is MoE (no dense layers; shared experts only
+with `num_shared_experts` > 0), as in Sigma-MoE-Tiny. The forward returns per-token CE (no
+reduction) so the Rho-1 selection can pick tokens after the fact without a second forward.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -108,6 +109,20 @@ class SigmaMoEForCausalLM(nn.Module):
         for blk in self.layers:
             blk.moe.dp_group = group
 
+    def end_step_balance(self, counts_LE: torch.Tensor, update_bias: bool = True) -> torch.Tensor:
+        """After an optimizer step: `counts_LE` (this rank's tokens per expert, summed over the
+        step's micro-batches) summed over the data-parallel group (the same group as the
+        global-batch loss), then each layer's aux-loss-free bias updated from those global
+        counts (when `update_bias` and the model has one). Returns the global counts."""
+        group = self.layers[0].moe.dp_group
+        counts_LE = counts_LE.detach().clone()
+        if group is not None and dist.is_initialized():
+            dist.all_reduce(counts_LE, group=group)
+        if update_bias:
+            for blk, c_E in zip(self.layers, counts_LE):
+                blk.moe.update_router_bias(c_E)
+        return counts_LE
+
     # ------------------------------------------------------------------ forward
 
     def forward(
@@ -141,9 +156,11 @@ class SigmaMoEForCausalLM(nn.Module):
                 ignore_index=-100,
                 reduction="none",
             ).view(B, S)
+        # Megatron-core's meaning of the coefficients: each layer's loss times the coefficient,
+        # summed over layers (not averaged; tests/model/test_balancing.py pins it).
         aux = {
-            "lb_loss": self.config.lb_coeff * torch.stack([s.lb_loss for s in all_stats]).mean(),
-            "z_loss": self.config.z_loss_coeff * torch.stack([s.z_loss for s in all_stats]).mean(),
+            "lb_loss": self.config.lb_coeff * torch.stack([s.lb_loss for s in all_stats]).sum(),
+            "z_loss": self.config.z_loss_coeff * torch.stack([s.z_loss for s in all_stats]).sum(),
         }
         return CausalLMOutput(
             logits=logits_BSV if (return_logits or labels is None) else None,

@@ -31,6 +31,8 @@ class MoEStats:
     tokens_per_expert_E: torch.Tensor  # int64, this rank's tokens (before any all-reduce)
     dropped_tokens: int
     topk: int
+    # Mean over tokens of the router distribution's entropy / log(E) (detached; 1 = uniform).
+    router_entropy: torch.Tensor | None = None
 
 
 class StackedExperts(nn.Module):
@@ -78,6 +80,28 @@ class _DeepSpeedMoEHolder(nn.Module):
         self.ep_group = group
 
 
+class SharedExperts(nn.Module):
+    """`n` always-on SwiGLU experts of width F, stored fused as one SwiGLU of width n·F: the sum
+    of n SwiGLUs equals one whose gate/up columns and down rows are theirs side by side, and one
+    GEMM of n·F is faster than n of F. Dense parameters (reduced over the whole data-parallel
+    world, not the expert-data-parallel group). No "expert" in any name: DeepSpeed moves every
+    state-dict key of an MoE module containing "expert" into the per-EP-rank expert files."""
+
+    def __init__(self, cfg: SigmaMoEConfig, layer_idx: int, out_std: float):
+        super().__init__()
+        d, f, n = cfg.hidden_size, cfg.moe_ffn_size, cfg.num_shared_experts
+        # Own generator (not torch's global one): every rank builds the same weights, whatever
+        # the EP layout, and adding shared experts leaves the routed experts' init unchanged.
+        g = torch.Generator().manual_seed(cfg.init_seed * 1_000_003 + layer_idx * 10_007 - 1)
+        self.w_gate_DF = nn.Parameter(torch.randn(d, n * f, generator=g) * cfg.init_std)
+        self.w_up_DF = nn.Parameter(torch.randn(d, n * f, generator=g) * cfg.init_std)
+        self.w_down_FD = nn.Parameter(torch.randn(n * f, d, generator=g) * out_std)
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        h_TF = nn.functional.silu(x_TD @ self.w_gate_DF) * (x_TD @ self.w_up_DF)
+        return h_TF @ self.w_down_FD
+
+
 class SigmaMoELayer(_DeepSpeedMoE):
     def __init__(self, cfg: SigmaMoEConfig, layer_idx: int, ep_rank: int = 0):
         nn.Module.__init__(self)  # DeepSpeed's own constructor builds its gate and expert copies
@@ -100,6 +124,15 @@ class SigmaMoELayer(_DeepSpeedMoE):
         out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
         experts = StackedExperts(cfg, layer_idx, ep_rank * self.n_local, self.n_local, out_std)
         self.deepspeed_moe = _DeepSpeedMoEHolder(experts)
+        n_shared = cfg.num_shared_experts
+        self.shared = SharedExperts(cfg, layer_idx, out_std) if n_shared > 0 else None
+        # Aux-loss-free balancing (DeepSeek-V3): a buffer, not a parameter (no gradient, no
+        # optimizer state), so it is saved with the module state and replicated on every rank.
+        self.bias_update_rate = cfg.bias_update_rate
+        if cfg.router_bias_update == "aux_free":
+            self.register_buffer("router_bias_E", torch.zeros(cfg.num_experts))
+        else:
+            self.router_bias_E = None
         # Data-parallel group for the global-batch balance loss; None = this process alone.
         self.dp_group = None
         self.ep = None  # sigma_moe.parallel.expert_parallel.ExpertParallel when ep_size > 1
@@ -107,6 +140,24 @@ class SigmaMoELayer(_DeepSpeedMoE):
     @property
     def experts(self) -> StackedExperts:
         return self.deepspeed_moe.experts.deepspeed_experts[0]
+
+    def _apply(self, fn, recurse=True):
+        # The engine casts the module to bf16; the bias must stay fp32: steps of 1e-3 on a bias
+        # of order 0.1 vanish in bf16 (8 mantissa bits: spacing 2^-11 at 0.1).
+        super()._apply(fn, recurse)
+        if self.router_bias_E is not None and self.router_bias_E.dtype != torch.float32:
+            self.router_bias_E = self.router_bias_E.float()
+        return self
+
+    @torch.no_grad()
+    def update_router_bias(self, counts_E: torch.Tensor) -> None:
+        """b_i += rate · sign(mean load − load_i) from the GLOBAL batch's counts (the caller sums
+        them over every micro-batch and data-parallel rank of the step)."""
+        if self.router_bias_E is None:
+            return
+        c_E = counts_E.to(self.router_bias_E.device, torch.float64)
+        step_E = torch.sign(c_E.mean() - c_E).to(torch.float32) * self.bias_update_rate
+        self.router_bias_E += step_E
 
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
         """Called by deepspeed.initialize: create the EP/EDP groups only if they are missing."""
@@ -125,9 +176,13 @@ class SigmaMoELayer(_DeepSpeedMoE):
         x_TD = x_BSD.reshape(B * S, D)
         # Router in fp32 even under bf16 training (the engine casts the module to bf16).
         logits_TE = nn.functional.linear(x_TD.float(), self.router.weight.float())
-        weights_TK, experts_TK, counts_E, prob_sum_E = K.topk_route(
-            logits_TE, self.topk, backend=self.backend
-        )
+        probs_TE = None
+        if self.router_bias_E is not None:
+            weights_TK, experts_TK, counts_E, prob_sum_E, probs_TE = self._route_biased(logits_TE)
+        else:
+            weights_TK, experts_TK, counts_E, prob_sum_E = K.topk_route(
+                logits_TE, self.topk, backend=self.backend
+            )
         dropped = 0
         if self.capacity_factor is not None:
             weights_TK, dropped = self._apply_capacity(weights_TK, experts_TK)
@@ -149,12 +204,21 @@ class SigmaMoELayer(_DeepSpeedMoE):
             )
             y_sorted_ND = self.ep.combine(y_local_MD, ctx)
         y_TD = K.unpermute(y_sorted_ND, row_map, weights_TK.to(x_TD.dtype), backend=self.backend)
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(x_TD)
+        if self.lb_loss_type == "sequence":
+            if probs_TE is None:
+                probs_TE = torch.softmax(logits_TE, dim=-1)
+            lb_loss = self._sequence_loss(probs_TE.view(B, S, -1), experts_TK.view(B, -1))
+        else:
+            lb_loss = self._balance_loss(counts_E, prob_sum_E, B * S)
         stats = MoEStats(
-            lb_loss=self._balance_loss(counts_E, prob_sum_E, B * S),
+            lb_loss=lb_loss,
             z_loss=torch.logsumexp(logits_TE, dim=-1).pow(2).mean(),
             tokens_per_expert_E=counts_E.detach(),
             dropped_tokens=dropped,
             topk=self.topk,
+            router_entropy=_mean_entropy(logits_TE.detach()),
         )
         return y_TD.view(B, S, D), stats
 
@@ -179,6 +243,26 @@ class SigmaMoELayer(_DeepSpeedMoE):
         p_E = prob_sum_E / max(n_tokens, 1)
         return self.n_routed * (f_E * p_E).sum()
 
+    def _route_biased(self, logits_TE: torch.Tensor):
+        """Top-k by probability + bias; the gates stay the unbiased probabilities (DeepSeek-V3,
+        Megatron-core's expert_bias), so the bias steers the choice and never the output scale.
+        Plain torch: topk_route has no bias input, and a T×E softmax is small beside the
+        experts (T·E vs T·k·3·D·F multiply-adds)."""
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        experts_TK = torch.topk(probs_TE.detach() + self.router_bias_E, self.topk, dim=-1).indices
+        weights_TK = probs_TE.gather(1, experts_TK)
+        counts_E = torch.bincount(experts_TK.reshape(-1), minlength=self.n_routed)
+        return weights_TK, experts_TK, counts_E, probs_TE.sum(0), probs_TE
+
+    def _sequence_loss(self, probs_BSE: torch.Tensor, experts_BN: torch.Tensor) -> torch.Tensor:
+        """DeepSeek-V3's complementary sequence-wise loss (Megatron `seq_aux_loss`): the
+        N_E·Σ f_i·p_i loss of each sequence on its own, averaged over the sequences."""
+        B, S, E = probs_BSE.shape
+        ones = torch.ones_like(experts_BN, dtype=torch.float32)
+        counts_BE = torch.zeros(B, E, device=probs_BSE.device).scatter_add_(1, experts_BN, ones)
+        f_BE = counts_BE / experts_BN.shape[1]
+        return E * (f_BE * probs_BSE.mean(dim=1)).sum(dim=1).mean()
+
     def _apply_capacity(
         self, weights_TK: torch.Tensor, experts_TK: torch.Tensor
     ) -> tuple[torch.Tensor, int]:
@@ -194,3 +278,11 @@ class SigmaMoELayer(_DeepSpeedMoE):
         pos = torch.empty_like(pos_sorted).scatter_(0, order, pos_sorted)
         keep_TK = (pos < capacity).view(T, k)
         return weights_TK * keep_TK, int((~keep_TK).sum())
+
+
+def _mean_entropy(logits_TE: torch.Tensor) -> torch.Tensor:
+    """Mean per-token entropy of softmax(logits) divided by log(E): 1 when every token's router
+    is uniform, 0 when every token is sure of one expert."""
+    logp_TE = torch.log_softmax(logits_TE.float(), dim=-1)
+    ent_T = -(logp_TE.exp() * logp_TE).sum(dim=-1)
+    return ent_T.mean() / math.log(max(logits_TE.shape[-1], 2))

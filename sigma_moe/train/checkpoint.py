@@ -292,6 +292,29 @@ def shape_mismatch(ckpt: Path, meta: dict[str, Any], model, ep_size: int) -> str
     )
 
 
+def _saved_bias(meta: dict[str, Any]) -> str:
+    return (meta.get("model_config") or {}).get("router_bias_update", "none")
+
+
+def router_bias_problem(ckpt: Path, meta: dict[str, Any], model, start_zero: bool) -> str | None:
+    """The aux-loss-free router bias is a buffer, not a parameter, so `shape_mismatch` cannot see
+    it; a message when the checkpoint and the run disagree on having one (None = fine)."""
+    saved, now = _saved_bias(meta), model.config.router_bias_update
+    if saved == now or (saved == "none" and start_zero):
+        return None
+    if now == "none":
+        return (
+            f"checkpoint {ckpt} holds an aux-loss-free router bias (model.router_bias_update="
+            f"{saved!r}) but the config says model.router_bias_update='none': dropping the bias "
+            f"would change which experts every token picks; set model.router_bias_update={saved}"
+        )
+    return (
+        f"checkpoint {ckpt} was saved without a router bias (model.router_bias_update={saved!r})"
+        f" but the config says model.router_bias_update={now!r}; set "
+        "model.router_bias_start_zero=true to start the bias at zero from this checkpoint"
+    )
+
+
 # --------------------------------------------------------------------------- inference loading
 
 
@@ -465,6 +488,9 @@ class Checkpointer:
                 f"the config's data.tokenizer is {fp}"
             )
         problem = shape_mismatch(ckpt, meta, trainer.model, self.cfg.parallel.ep_size)
+        problem = problem or router_bias_problem(
+            ckpt, meta, trainer.model, self.cfg.model.router_bias_start_zero
+        )
         if problem:
             raise ValueError(problem)
         old_gbs = meta.get("global_batch_size")
@@ -514,6 +540,9 @@ class Checkpointer:
                     tag=ckpt.name,
                     load_optimizer_states=True,
                     load_lr_scheduler_states=False,
+                    # a bias-less checkpoint into a biased run (allowed by the check above):
+                    # the missing bias buffers keep their zeros; parameters were checked.
+                    load_module_strict=_saved_bias(meta) == trainer.model.config.router_bias_update,
                 )
             except (RuntimeError, OSError, KeyError, EOFError, zipfile.BadZipFile) as e:
                 raise ValueError(f"checkpoint {ckpt} could not be loaded by DeepSpeed: {e}") from e

@@ -70,6 +70,27 @@ def _attn_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
     return (doc[:, :, None] == doc[:, None, :]) & causal
 
 
+def balance_metrics(
+    counts_LE: torch.Tensor, router_entropy_L: torch.Tensor, topk: list[int]
+) -> dict[str, float]:
+    """Per-layer balance of one step's global counts: load max/mean, coefficient of variation
+    (std/mean over experts), entropy of the load distribution / log E (1 = even), share of
+    experts that got no token, and the router's mean per-token entropy / log E."""
+    E = counts_LE.shape[1]
+    mean_L1 = counts_LE.mean(dim=1, keepdim=True).clamp_min(1e-9)
+    share_LE = counts_LE / counts_LE.sum(dim=1, keepdim=True).clamp_min(1e-9)
+    load_entropy_L = torch.special.entr(share_LE).sum(dim=1) / np.log(max(E, 2))
+    m: dict[str, float] = {}
+    for li, k in enumerate(topk):
+        m[f"expert_load_max/{li}"] = float(counts_LE[li].max() / mean_L1[li])
+        m[f"expert_load_cv/{li}"] = float(counts_LE[li].std(unbiased=False) / mean_L1[li])
+        m[f"expert_load_entropy/{li}"] = float(load_entropy_L[li])
+        m[f"expert_idle_frac/{li}"] = float((counts_LE[li] == 0).double().mean())
+        m[f"router_entropy/{li}"] = float(router_entropy_L[li])
+        m[f"topk/{li}"] = k
+    return m
+
+
 class Trainer:
     def __init__(
         self,
@@ -148,7 +169,7 @@ class Trainer:
         sums = torch.zeros(
             6, dtype=torch.float64
         )  # lm_sum, ce_all_sum, n_valid, aux, n_sel, nonfinite
-        counts_LE = None
+        counts_LE = entropy_L = None
         sel_metrics: dict[str, float] = {}
         dropped = 0
         bad_step = False
@@ -188,6 +209,8 @@ class Trainer:
             )
             c = torch.stack([s.tokens_per_expert_E for s in out.moe_stats]).double()
             counts_LE = c if counts_LE is None else counts_LE + c
+            ent = torch.stack([s.router_entropy for s in out.moe_stats]).double() / len(batches)
+            entropy_L = ent if entropy_L is None else entropy_L + ent
             dropped += sum(s.dropped_tokens for s in out.moe_stats)
             if not finite:
                 # Never backpropagate a NaN/Inf: zero gradients keep DeepSpeed's micro-step
@@ -207,7 +230,9 @@ class Trainer:
             del out, loss
         if self.dp > 1:
             dist.all_reduce(sums)
-            dist.all_reduce(counts_LE)
+        # Global-batch counts (summed over the data-parallel group); the aux-loss-free bias
+        # steps from them, except on a skipped (non-finite) step, which leaves the model as is.
+        counts_LE = self.model.end_step_balance(counts_LE, update_bias=not bad_step)
         self.state.step = step + 1
         self.state.consumed_samples += cfg.train.global_batch_size
         n_tokens = cfg.train.global_batch_size * cfg.data.seq_len
@@ -233,10 +258,10 @@ class Trainer:
             "nonfinite": bad_step,
         }
         m["loss"] = m["lm_loss"] + m["aux_loss"]
-        load = counts_LE / counts_LE.mean(dim=1, keepdim=True).clamp_min(1e-9)
-        for li, k in enumerate(topk):
-            m[f"expert_load_max/{li}"] = float(load[li].max())
-            m[f"topk/{li}"] = k
+        if self.dp > 1:
+            dist.all_reduce(entropy_L)
+            entropy_L /= self.dp
+        m.update(balance_metrics(counts_LE, entropy_L, topk))
         m.update(sel_metrics)
         return m
 

@@ -61,6 +61,11 @@ def _strip(name: str) -> str:
     return name.removeprefix("_orig_mod.")
 
 
+def _buffer_names(main: dict) -> set[str]:
+    """Module buffers (e.g. the aux-loss-free router bias): saved, but without optimizer state."""
+    return {_strip(n) for n in main.get("buffer_names") or []}
+
+
 def consolidate(ckpt: Path, meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """Layout-free state of a checkpoint: {"module": {name: full tensor}, "fp32": {name: full
     fp32 master}, "optim": {name: {"exp_avg", "exp_avg_sq"}}, "step": {name: Adam step},
@@ -120,7 +125,7 @@ def consolidate(ckpt: Path, meta: dict[str, Any] | None = None) -> dict[str, Any
         out["optim"][name] = {k: joined[k] for k in OPTIM_KEYS}
     out.pop("_ep", None)
     out["module"] = {_strip(k): v for k, v in load_full_state_dict(ckpt).items()}
-    missing = sorted(set(out["module"]) - set(out["optim"]))
+    missing = sorted(set(out["module"]) - set(out["optim"]) - _buffer_names(main))
     if missing:
         raise ValueError(f"checkpoint {ckpt}: no optimizer state for {missing[:5]}")
     out["train_state"] = main["train_state"]
@@ -163,7 +168,7 @@ def _consolidate_zero0(ckpt: Path, meta: dict[str, Any], main: dict, ep: int) ->
         out["optim"][n] = {k: torch.cat(v, dim=0) for k, v in d.items()}
     out["fp32"] = {n: v.float() for n, v in module.items()}
     out["module"] = module
-    missing = sorted(set(module) - set(out["optim"]))
+    missing = sorted(set(module) - set(out["optim"]) - _buffer_names(main))
     if missing:
         raise ValueError(f"checkpoint {ckpt}: no optimizer state for {missing[:5]}")
     out["train_state"] = main["train_state"]
@@ -245,6 +250,10 @@ def load_reshaped(trainer, ckpt: Path, meta: dict[str, Any]) -> dict[str, Any]:
             st["step"] = torch.tensor(step_val, dtype=torch.float32)
         else:
             raise ValueError(f"cannot place optimizer state of {key}: unknown optimizer layout")
+    with torch.no_grad():  # buffers (the router bias) are replicated: copied whole
+        for name, buf in model.named_buffers():
+            if _strip(name) in state["module"]:
+                buf.copy_(state["module"][_strip(name)])
     for st in base.state.values():
         if "step" in st:
             old = st["step"]
