@@ -311,6 +311,62 @@ def build_train_dataset(
     )
 
 
+def build_domain_streams(
+    domains: Sequence[Any],
+    seq_len: int,
+    samples_per_domain: int,
+    seed: int,
+    tokenizer: Tokenizer | str = "bundled",
+    reset_at_eod: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+) -> TrainDataset:
+    """One shuffled stream per domain, for online mixing (no global blend order).
+
+    Megatron's blend fixes every global index's domain when the index is built; an online mixer
+    decides the domain of each sample during the run. So each domain gets its own GPTDataset of
+    ``samples_per_domain`` sequences (enough for any mixture: the whole run may read one domain)
+    and a sampler addresses samples as ``(domain id, sample index)`` through
+    ``get_domain_sample``. Domain ``d``'s sample ``i`` is the same for every run with the same
+    (prefix, seed, seq_len, samples_per_domain), so the Rho-1 store keys stay meaningful. Every
+    domain is built, whatever its configured weight (the mixer may raise it). The returned
+    dataset has no global order: ``len()`` is 0 and ``ds[i]`` raises IndexError.
+    """
+    if int(seq_len) < 1:
+        raise ValueError(f"data.seq_len must be >= 1, got {seq_len}")
+    if int(samples_per_domain) < 1:
+        raise ValueError(f"samples_per_domain must be >= 1, got {samples_per_domain}")
+    _check_domains(domains)
+    tok = load_tokenizer(tokenizer)
+    prefixes = [_resolve_prefix(d, cache_dir=cache_dir) for d in domains]
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+
+    datasets = []
+    for p in prefixes:
+        check_prefix(p, tok)
+        config = _gpt_config([p], None, seq_len, seed, tok, reset_at_eod)
+        builder = BlendedMegatronDatasetBuilder(
+            GPTDataset, [int(samples_per_domain), 0, 0], lambda: True, config
+        )
+        datasets.append(_build_with_locks([p], builder)[0])
+    raw_w = [float(getattr(d, "weight", 1.0)) for d in domains]
+    return TrainDataset(
+        domains,
+        prefixes,
+        datasets,
+        np.zeros(0, dtype=np.int16),
+        np.zeros(0, dtype=np.int64),
+        tok,
+        int(seq_len),
+        int(samples_per_domain),
+        int(seed),
+        bool(reset_at_eod),
+        [w / sum(raw_w) for w in raw_w],
+    )
+
+
 class ValDataset(torch.utils.data.Dataset):
     """The first ``len`` samples of one epoch over a domain's ``-val`` prefix (fixed order)."""
 

@@ -33,6 +33,8 @@ class MoEStats:
     topk: int
     # Mean over tokens of the router distribution's entropy / log(E) (detached; 1 = uniform).
     router_entropy: torch.Tensor | None = None
+    # [T, k] int64 (detached): each token's routed experts, for per-domain expert statistics.
+    experts_TK: torch.Tensor | None = None
 
 
 class StackedExperts(nn.Module):
@@ -219,6 +221,7 @@ class SigmaMoELayer(_DeepSpeedMoE):
             dropped_tokens=dropped,
             topk=self.topk,
             router_entropy=_mean_entropy(logits_TE.detach()),
+            experts_TK=experts_TK.detach(),
         )
         return y_TD.view(B, S, D), stats
 
