@@ -43,18 +43,33 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    import json
+
     from sigma_moe.train.callbacks import format_summary
-    from sigma_moe.train.plots import plot_run
+    from sigma_moe.train.report import write_report
 
     run = Path(args.run_dir)
-    if not (run / "metrics.jsonl").is_file():
-        raise FileNotFoundError(f"{run / 'metrics.jsonl'} not found: is {run} a run directory?")
-    for p in plot_run(run):
-        print(f"wrote {p}")
+    page = write_report(run)
     if (run / "summary.json").is_file():
-        import json
-
         print(format_summary(json.loads((run / "summary.json").read_text())))
+    print(f"wrote {page}")
+    return 0
+
+
+def _export_hf(args: argparse.Namespace) -> int:
+    from sigma_moe.export import export_hf
+
+    out = export_hf(args.ckpt, args.out_dir, dtype=args.dtype)
+    print(f"wrote {out} (transformers Qwen3-MoE, {args.dtype}): AutoModelForCausalLM and "
+          "AutoTokenizer .from_pretrained load it")  # fmt: skip
+    return 0
+
+
+def _import_hf(args: argparse.Namespace) -> int:
+    from sigma_moe.export import import_hf
+
+    out = import_hf(args.hf_dir, args.out_ckpt, force=args.force)
+    print(f"wrote {out} (step 0): sigma-moe train {out}/config.yaml --resume {out}")
     return 0
 
 
@@ -133,9 +148,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=_generate)
 
-    r = sub.add_parser("report", help="plots and summary of a run directory")
+    r = sub.add_parser("report", help="RUN_DIR/report.html: plots of a run directory")
     r.add_argument("run_dir")
     r.set_defaults(func=_report)
+
+    x = sub.add_parser("export-hf", help="checkpoint → transformers Qwen3-MoE folder")
+    x.add_argument("ckpt", help="a run's checkpoints/ folder or one checkpoint folder")
+    x.add_argument("out_dir")
+    x.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    x.set_defaults(func=_export_hf)
+
+    m = sub.add_parser("import-hf", help="transformers Qwen3-MoE folder → our checkpoint")
+    m.add_argument("hf_dir")
+    m.add_argument("out_ckpt")
+    m.add_argument("--force", action="store_true", help="replace OUT_CKPT if it exists")
+    m.set_defaults(func=_import_hf)
 
     for name, (mod, fn, help_) in PASSTHROUGH.items():
         sp = sub.add_parser(name, help=help_, add_help=False)

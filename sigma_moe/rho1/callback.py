@@ -27,6 +27,8 @@ import torch
 
 from sigma_moe.rho1.scorer import ScorerError, ScorerSupervisor
 from sigma_moe.rho1.selection import (
+    EXCESS_HIST_EDGES,
+    excess_histogram,
     merge_stats,
     metrics_from_stats,
     selection_stats,
@@ -119,6 +121,7 @@ class Rho1Callback:
                 "metrics": {k: (None if v != v else v) for k, v in totals.items()},
                 "counts": self.run_stats,
                 "domain_names": self._domain_names,
+                "excess_hist_edges": EXCESS_HIST_EDGES,
                 "scorer": {"mode": self.r.scorer, **status},
             }
             name = (
@@ -183,7 +186,9 @@ class Rho1Callback:
         excess = ce_BS.detach().float() - ref_BS
         st = selection_stats(sel.cpu(), valid_BS.cpu(), excess.cpu(), b["domain"].cpu())
         self._stats = merge_stats(self._stats, st)
-        self.run_stats = merge_stats(self.run_stats, st)
+        # The whole-run sums also keep the excess-loss histogram (the report plots it).
+        hist = excess_histogram(sel.cpu(), valid_BS.cpu(), excess.cpu())
+        self.run_stats = merge_stats(self.run_stats, st, hist)
         m = {
             k: v
             for k, v in metrics_from_stats(self._stats, self._domain_names).items()

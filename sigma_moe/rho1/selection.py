@@ -210,6 +210,28 @@ def selection_stats(
     return st
 
 
+# Bin edges (nats) of the run's excess-loss histogram; the outer bins also hold the tails.
+EXCESS_HIST_EDGES = [round(-6.0 + 0.3 * i, 1) for i in range(41)]
+
+
+def excess_histogram(
+    selected_BS: torch.Tensor, valid_BS: torch.Tensor, excess_BS: torch.Tensor
+) -> dict[str, float]:
+    """Additive counts ``excess_hist/{selected,rejected}/<bin>`` of the valid tokens' excess
+    loss over ``EXCESS_HIST_EDGES`` (values beyond the ends count in the outer bins)."""
+    sel = selected_BS.bool() & valid_BS.bool()
+    rej = valid_BS.bool() & ~sel
+    ex = torch.nan_to_num(excess_BS.detach().float(), nan=0.0, posinf=0.0, neginf=0.0)
+    edges = torch.tensor(EXCESS_HIST_EDGES)
+    nb = len(EXCESS_HIST_EDGES) - 1
+    out: dict[str, float] = {}
+    for name, m in (("selected", sel), ("rejected", rej)):
+        idx = (torch.bucketize(ex[m], edges, right=True) - 1).clamp(0, nb - 1)
+        counts = torch.bincount(idx, minlength=nb)
+        out.update({f"excess_hist/{name}/{i}": float(c) for i, c in enumerate(counts)})
+    return out
+
+
 def merge_stats(*stats: dict[str, float]) -> dict[str, float]:
     out: dict[str, float] = {}
     for s in stats:
