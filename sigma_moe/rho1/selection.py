@@ -211,7 +211,7 @@ def selection_stats(
 
 
 # Bin edges (nats) of the run's excess-loss histogram; the outer bins also hold the tails.
-EXCESS_HIST_EDGES = [round(-6.0 + 0.3 * i, 1) for i in range(41)]
+EXCESS_HIST_EDGES = [round(-6.0 + 0.2 * i, 1) for i in range(61)]
 
 
 def excess_histogram(

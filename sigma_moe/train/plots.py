@@ -13,6 +13,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 DPI = 100
 RHO1_SELECTION = "rho1_selection.json"  # the Rho-1 callback's whole-run counts
@@ -41,6 +42,9 @@ def _keys(rows: list[dict], prefix: str) -> list[str]:
 
 
 def _save(fig, path: Path) -> Path:
+    for ax in fig.axes:
+        if ax.get_xlabel() == "step":  # no "step 1.25" on short runs
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
@@ -172,9 +176,16 @@ def plot_excess_hist(run_dir: Path, out: Path) -> Path | None:
     edges = np.asarray(edges, dtype=float)
     centers, width = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
     fig, ax = plt.subplots(figsize=(7, 3.8))
+    hists = {
+        n: [counts.get(f"excess_hist/{n}/{i}", 0.0) for i in range(nb)]
+        for n in ("selected", "rejected")
+    }
+    used = [i for i in range(nb) if hists["selected"][i] or hists["rejected"][i]]
     for name, color in (("selected", "tab:green"), ("rejected", "tab:red")):
-        h = [counts.get(f"excess_hist/{name}/{i}", 0.0) for i in range(nb)]
+        h = hists[name]
         ax.bar(centers, h, width=width, alpha=0.55, color=color, label=f"{name} ({sum(h):,.0f})")
+    if used:  # zoom on the occupied bins, one empty bin either side
+        ax.set_xlim(edges[max(used[0] - 1, 0)], edges[min(used[-1] + 2, nb)])
     ax.set(
         xlabel="excess loss  L_θ − L_ref  (nats; the outer bins hold the tails)",
         ylabel="tokens", title="Rho-1: excess loss of selected vs rejected tokens (whole run)",
@@ -206,18 +217,26 @@ def plot_expert_share(run_dir: Path, out: Path) -> Path | None:
     if not per_layer:
         return None
     layers = sorted(per_layer)
-    fig, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers) + 1, 3.6), squeeze=False)
+    cols = min(4, len(layers))
+    rows_n = -(-len(layers) // cols)
+    fig, axes = plt.subplots(
+        rows_n, cols, figsize=(2.6 * cols + 1.2, 3.2 * rows_n), squeeze=False, layout="constrained"
+    )
     vmax = max(float(np.max(per_layer[li])) for li in layers)
-    for ax, li in zip(axes[0], layers):
+    for ax, li in zip(axes.flat, layers):
         im = ax.imshow(
             np.stack(per_layer[li], axis=1), aspect="auto", cmap="magma", vmin=0, vmax=vmax,
             interpolation="nearest",
         )  # fmt: skip
         ax.set_xticks(range(len(steps)), [str(s) for s in steps], fontsize=7)
-        ax.set(title=f"layer {li}", xlabel="step")
-    axes[0][0].set_ylabel("expert")
-    fig.colorbar(im, ax=axes[0].tolist(), label="share × experts (1 = fair)")
-    fig.suptitle("tokens per expert over time (between evaluations)")
+        ax.set_title(f"layer {li}", fontsize=10)
+        ax.set_xlabel("step", fontsize=9)
+    for ax in axes.flat[len(layers) :]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("expert")
+    fig.colorbar(im, ax=axes, label="tokens share × experts (1 = fair)")
+    fig.suptitle("tokens per expert over time (counted between evaluations)")
     fig.savefig(out / "expert_share.png", dpi=DPI)
     plt.close(fig)
     return out / "expert_share.png"
@@ -231,6 +250,8 @@ def plot_mix(rows, out: Path) -> Path | None:
     )  # fmt: skip
 
 
+# Plots the report shows across the whole page width.
+WIDE = {"expert_share"}
 # (name, caption, function of (rows, plots dir)) in report order.
 PLOTS: list[tuple[str, str, Callable]] = [
     ("loss", "Training loss", plot_loss),

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sigma_moe.train.plots import PLOTS, plot_run
+from sigma_moe.train.plots import PLOTS, WIDE, plot_run
 
 PAGE = "report.html"
 
@@ -21,6 +21,7 @@ table{border-collapse:collapse;font-size:.9em} td{padding:2px 12px 2px 0;vertica
 td:first-child{color:#555} figure{margin:1em 0} img{max-width:100%;border:1px solid #eee}
 figcaption{color:#555;font-size:.9em} pre{background:#f6f6f6;padding:.8em;overflow:auto}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(480px,1fr));gap:0 1.5em}
+.wide{grid-column:1/-1}
 """
 
 # Sets data-images on <body> to "<loaded>/<total>" once the page has loaded: a headless browser's
@@ -53,6 +54,15 @@ def _summary_table(run_dir: Path) -> str:
     return f"<table>{rows}</table>"
 
 
+def _figure(rel: str, caption: str, wide: bool) -> str:
+    r, c = html.escape(rel), html.escape(caption)
+    cls = ' class="wide"' if wide else ""
+    return (
+        f'<figure{cls}><a href="{r}"><img src="{r}" alt="{c}"></a>'
+        f"<figcaption>{c}</figcaption></figure>"
+    )
+
+
 def render(run_dir: Path, written: dict[str, Path | None]) -> str:
     figures, missing = [], []
     for name, caption, _fn in PLOTS:
@@ -60,12 +70,13 @@ def render(run_dir: Path, written: dict[str, Path | None]) -> str:
         if p is None:
             missing.append(caption)
             continue
-        rel = p.relative_to(run_dir).as_posix()
-        figures.append(
-            f'<figure><a href="{html.escape(rel)}"><img src="{html.escape(rel)}" '
-            f'alt="{html.escape(caption)}"></a><figcaption>{html.escape(caption)}</figcaption>'
-            "</figure>"
-        )
+        figures.append(_figure(p.relative_to(run_dir).as_posix(), caption, name in WIDE))
+    # PNGs other parts of the run put under plots/ (e.g. the per-domain expert load).
+    ours = {p for p in written.values() if p is not None}
+    for p in sorted((run_dir / "plots").glob("*.png")):
+        if p not in ours:
+            cap = p.stem.replace("_", " ")
+            figures.append(_figure(p.relative_to(run_dir).as_posix(), cap, wide=True))
     cfg = run_dir / "config.yaml"
     cfg_html = (
         f"<details><summary>config.yaml (resolved)</summary><pre>"
