@@ -41,6 +41,9 @@ def run_demo(out: Path, steps: int | None = None, rho1: bool = True) -> dict:
         from sigma_moe.rho1.experiment import run_rho1_experiment
 
         result["rho1"] = run_rho1_experiment(out / "rho1", steps=steps)
+    from sigma_moe.train.report import write_report
+
+    report = write_report(out / "moe")
     result["wall_time_s"] = time.perf_counter() - t0
     (out / "demo_summary.json").write_text(json.dumps(result, indent=1, default=str))
     print(
@@ -49,4 +52,5 @@ def run_demo(out: Path, steps: int | None = None, rho1: bool = True) -> dict:
         f"total {result['wall_time_s'] / 60:.1f} min",
         file=sys.stderr,
     )
+    print(f"[demo] report: {report}")  # last line: open it in a browser
     return result
