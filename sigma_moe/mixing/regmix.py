@@ -21,9 +21,11 @@ from mixture to validation loss → the mixture it predicts best.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -43,6 +45,8 @@ from sklearn.preprocessing import PolynomialFeatures
 from tqdm.auto import tqdm
 
 from sigma_moe.config import load_config, parse_overrides
+from sigma_moe.data.dataset import domain_token_counts
+from sigma_moe.train.callbacks import StageInterrupted
 
 # A proxy: the base recipe shrunk to the test preset and 120 steps. Measured here (2-core CPU,
 # test-tiny, 8 × 64 tokens a step, 1 thread): ~0.2 s a step + ~15 s start-up, so 48 proxies two
@@ -128,14 +132,34 @@ def subprocess_train_fn(spec: SearchSpec, threads: int) -> TrainFn:
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), WANDB_MODE="disabled")
         cmd = [sys.executable, "-m", "sigma_moe", "train", str(folder / "proxy.yaml")]
         r = subprocess.run(
-            [*cmd, "--out", str(folder / "run")], env=env, capture_output=True, text=True
+            [*cmd, "--out", str(folder / "run")],
+            env=env,
+            capture_output=True,
+            text=True,
+            preexec_fn=_die_with_parent,
         )
         if r.returncode != 0:
             raise RuntimeError(f"proxy {i} failed (exit {r.returncode}): {r.stderr[-1500:]}")
-        last = json.loads((folder / "run" / "summary.json").read_text())["last_eval"]
+        summary = json.loads((folder / "run" / "summary.json").read_text())
+        if not summary.get("complete", True):  # Ctrl-C / SIGTERM: the proxy saved and stopped
+            raise StageInterrupted(
+                f"proxy {i} stopped ({summary.get('stopped_by')}) at step {summary.get('steps')}"
+                f" of {summary.get('max_steps')}: the search stopped and its numbers are not "
+                "used; run the same mix-search command again to continue"
+            )
+        last = summary["last_eval"]
         return {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("val_loss/")}
 
     return train
+
+
+def _die_with_parent() -> None:
+    """A proxy gets SIGTERM when the search process dies (Linux prctl PR_SET_PDEATHSIG), so a
+    killed search leaves no proxies running."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    except OSError:
+        pass
 
 
 def _load_done(path: Path) -> dict[int, dict]:
@@ -267,9 +291,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="quadratic", choices=["quadratic", "linear", "gbm"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--prior",
+        default="tokens",
+        choices=["tokens", "config"],
+        help="centre of the Dirichlet: the domains' token shares (RegMix) or the recipe weights",
+    )
+    p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="extra proxy override"
     )
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--fit-partial",
+        action="store_true",
+        help="train nothing: fit on the proxies finished so far (an unfinished search)",
+    )
     return p
 
 
@@ -285,15 +320,26 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--targets {bad} are not domains of {a.config} ({names})")
     if a.proxies < 4:
         raise ValueError(f"--proxies must be >= 4 for a regression, got {a.proxies}")
-    w = np.array([d.weight for d in base.data.domains])
+    if a.prior == "tokens":
+        w = np.array(domain_token_counts(base.data.domains, base.data.tokenizer), dtype=float)
+    else:
+        w = np.array([d.weight for d in base.data.domains])
     spec = SearchSpec(
         str(a.config), names, (w / w.sum()).tolist(), targets, a.proxies, a.seed, proxy_sets
     )
     out = Path(a.out)
     threads = max(1, (os.cpu_count() or 1) // max(1, a.parallel))
-    mixes, losses = run_proxies(
-        spec, out, subprocess_train_fn(spec, threads), a.parallel, not a.no_progress
-    )
+    if a.fit_partial:
+        _check_spec(out, spec)
+        done = _load_done(out / "proxies.jsonl")
+        if len(done) < 4:
+            raise ValueError(f"--fit-partial: {out} has {len(done)} finished proxies, need >= 4")
+        mixes = np.array([r["mixture"] for r in done.values()])
+        losses = [r["val_loss"] for r in done.values()]
+    else:
+        mixes, losses = run_proxies(
+            spec, out, subprocess_train_fn(spec, threads), a.parallel, not a.no_progress
+        )
     res = fit_and_propose(spec, mixes, losses, a.model)
     frag = write_outputs(spec, out, res, base.data.domains)
     print(

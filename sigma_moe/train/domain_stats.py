@@ -5,7 +5,7 @@ each layer (``domain_expert_counts``; summed over the data-parallel group, so th
 layer sums over domains to that layer's global ``tokens_per_expert``). ``ExpertLoadByDomain``
 accumulates the steps between evaluations and, at every eval boundary, appends one line to
 ``<run>/expert_load.jsonl`` (``{"step": s, "expert_load/<layer>/<domain>": [counts per expert]}``)
-and draws the run's total as a heatmap (``plots/expert_load.png``). The running sums are
+and draws the run's total as a heatmap (``plots/expert_load_by_domain.png``). The running sums are
 resumable state (``TrainState.extra["expert_load"]``).
 """
 
@@ -41,15 +41,21 @@ def plot_expert_load(counts_LKE: np.ndarray, domains: list[str], path: Path, tit
 
     L, K, E = counts_LKE.shape
     share = counts_LKE / np.maximum(counts_LKE.sum(axis=2, keepdims=True), 1.0)
-    fig, axes = plt.subplots(L, 1, figsize=(min(2 + 0.25 * E, 16), 0.9 + 0.35 * K * L), sharex=True)
+    fig, axes = plt.subplots(
+        L,
+        1,
+        figsize=(min(3.5 + 0.25 * E, 16), 1.0 + (0.3 * K + 0.4) * L),
+        sharex=True,
+        layout="constrained",
+    )
     axes = np.atleast_1d(axes)
     vmax = float(share.max()) or 1.0
     for li, ax in enumerate(axes):
         im = ax.imshow(share[li], aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
         ax.set_yticks(range(K), domains, fontsize=7)
-        ax.set_ylabel(f"layer {li}", fontsize=8)
+        ax.set_title(f"layer {li}", fontsize=8, loc="left")
     axes[-1].set_xlabel("expert")
-    fig.colorbar(im, ax=list(axes), label="share of the domain's tokens", shrink=0.8)
+    fig.colorbar(im, ax=list(axes), label="share of the domain's tokens", shrink=0.9)
     fig.suptitle(title, fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
@@ -103,7 +109,7 @@ class ExpertLoadByDomain:
             plot_expert_load(
                 self.total,
                 list(trainer.train_ds.domain_names),
-                self.out_dir / "plots" / "expert_load.png",
+                self.out_dir / "plots" / "expert_load_by_domain.png",
                 f"{self.out_dir.name}: tokens per expert by domain (steps 1-{trainer.state.step})",
             )
         except Exception as e:  # a missing plot must never fail a finished run

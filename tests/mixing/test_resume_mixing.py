@@ -55,6 +55,7 @@ def _kill_resume_matches(tmp_path: Path, sets: list[str]) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_bandit_kill_resume_is_bitwise_and_other_domains_are_refused(tmp_path):
     sets = ["--set", "data.mixing.kind=online-bandit", "--set", "data.mixing.update_every=1"]
     run = _kill_resume_matches(tmp_path, sets)
