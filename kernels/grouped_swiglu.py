@@ -29,6 +29,10 @@ from torch import Tensor
 
 from ._backend import HAS_TRITON, check_tile, resolve_backend
 
+# tile configs per GEMM role (BLOCK_M, the autotune sets) and the fp32 dot precision
+from ._gemm_tiles import _BLOCK_M, _CONFIGS, _ROLE_KERNEL, check_precision, resolve_precision
+
+
 if HAS_TRITON:
     import triton
     import triton.language as tl
@@ -352,8 +356,26 @@ def _bwd_torch_loop(dy_ND, x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD, hg_NF, hu_NF)
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
+#
+# Every GEMM kernel runs on a 1-D grid.  The row-tile kernels decode pid into (row tile, N
+# block) with the N block varying fastest by default (N_FASTEST): the programs resident at once
+# then share a few row tiles of x (re-read from L2, not HBM) instead of every program of a wave
+# reading its own x tile once per N block (12x for x in gate/up at F=768, BLOCK_N=64 with the
+# M-fastest order, whose working set exceeds L2).  `scripts/gpu_check.sh` times both orders.
+# The weight-grad kernel keeps all tiles of one expert adjacent in the grid (its rows are read
+# by every tile of dW[e] and stay in L2).  fp32 dots take PRECISION ("ieee" | "tf32x3" |
+# "tf32"); 16-bit dots ignore it.
 # ----------------------------------------------------------------------------------------------
 if HAS_TRITON:
+
+    @triton.jit
+    def _row_tile_pid(num_n, N_FASTEST: tl.constexpr):
+        """pid -> (row tile, N block) of a 1-D grid of n_tiles * num_n programs."""
+        pid = tl.program_id(0)
+        if N_FASTEST:
+            return pid // num_n, pid % num_n
+        n_tiles = tl.num_programs(0) // num_n
+        return pid % n_tiles, pid // n_tiles
 
     @triton.jit
     def _gate_up_fwd_kernel(
@@ -373,18 +395,19 @@ if HAS_TRITON:
         stride_wd,
         stride_hn,
         DOT_FP32: tl.constexpr,
+        PRECISION: tl.constexpr,
+        N_FASTEST: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
         """hg = x@Wg[e], hu = x@Wu[e], a = silu(hg)*hu for BLOCK_M rows of one expert."""
-        tile = tl.program_id(0)
-        pid_n = tl.program_id(1)
+        tile, pid_n = _row_tile_pid(tl.cdiv(Fdim, BLOCK_N), N_FASTEST)
         e = tl.load(tile_e_ptr + tile)
         r0 = tl.load(tile_r0_ptr + tile)
         r1 = tl.load(tile_r1_ptr + tile)
         if r0 < r1:
-            rows = r0 + tl.arange(0, BLOCK_M)
+            rows = r0 + tl.arange(0, BLOCK_M)  # int64 (r0 is): no overflow at N*D >= 2**31
             cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             rmask = rows < r1
             cmask = cols < Fdim
@@ -407,8 +430,8 @@ if HAS_TRITON:
                     xt = xt.to(tl.float32)
                     gt = gt.to(tl.float32)
                     ut = ut.to(tl.float32)
-                acc_g += tl.dot(xt, gt)
-                acc_u += tl.dot(xt, ut)
+                acc_g += tl.dot(xt, gt, input_precision=PRECISION)
+                acc_u += tl.dot(xt, ut, input_precision=PRECISION)
             a = acc_g * tl.sigmoid(acc_g) * acc_u
             out_off = rows[:, None] * stride_hn + cols[None, :]
             om = rmask[:, None] & cmask[None, :]
@@ -441,6 +464,8 @@ if HAS_TRITON:
         HAS_SECOND: tl.constexpr,
         SWIGLU_BWD: tl.constexpr,
         DOT_FP32: tl.constexpr,
+        PRECISION: tl.constexpr,
+        N_FASTEST: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -450,8 +475,7 @@ if HAS_TRITON:
         SWIGLU_BWD epilogue (acc = dA): with hg, hu at the same positions, writes
         dhg -> y_ptr, dhu -> y2_ptr and the recomputed a = silu(hg)*hu -> a_ptr.
         """
-        tile = tl.program_id(0)
-        pid_n = tl.program_id(1)
+        tile, pid_n = _row_tile_pid(tl.cdiv(M, BLOCK_N), N_FASTEST)
         e = tl.load(tile_e_ptr + tile)
         r0 = tl.load(tile_r0_ptr + tile)
         r1 = tl.load(tile_r1_ptr + tile)
@@ -474,14 +498,14 @@ if HAS_TRITON:
                 if DOT_FP32:
                     xt = xt.to(tl.float32)
                     wt = wt.to(tl.float32)
-                acc += tl.dot(xt, wt)
+                acc += tl.dot(xt, wt, input_precision=PRECISION)
                 if HAS_SECOND:
                     x2 = tl.load(x2_ptr + xoff, mask=xm, other=0.0)
                     w2 = tl.load(w2_ptr + woff, mask=wm, other=0.0)
                     if DOT_FP32:
                         x2 = x2.to(tl.float32)
                         w2 = w2.to(tl.float32)
-                    acc += tl.dot(x2, w2)
+                    acc += tl.dot(x2, w2, input_precision=PRECISION)
             out_off = rows[:, None] * stride_yn + cols[None, :]
             om = rmask[:, None] & cmask[None, :]
             odt = y_ptr.dtype.element_ty
@@ -513,14 +537,23 @@ if HAS_TRITON:
         stride_dyn,
         HAS_SECOND: tl.constexpr,
         DOT_FP32: tl.constexpr,
+        PRECISION: tl.constexpr,
         BLOCK_K: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_R: tl.constexpr,
     ):
-        """dW[e] = X[rows of e]^T @ dY[rows of e]  (and dW2[e] with dY2, sharing X loads)."""
-        e = tl.load(eid_ptr + tl.program_id(0))
-        pid_k = tl.program_id(1)
-        pid_n = tl.program_id(2)
+        """dW[e] = X[rows of e]^T @ dY[rows of e]  (and dW2[e] with dY2, sharing X loads).
+
+        1-D grid, expert-major: program p works on expert eid[p // tiles_per_expert], so an
+        expert's tiles are adjacent.  Every element of dW[e] is written (zeros when e is empty).
+        """
+        num_k = tl.cdiv(K, BLOCK_K)
+        num_n = tl.cdiv(M, BLOCK_N)
+        pid = tl.program_id(0)
+        e = tl.load(eid_ptr + pid // (num_k * num_n))
+        rest = pid % (num_k * num_n)
+        pid_k = rest // num_n
+        pid_n = rest % num_n
         r0 = tl.load(off_ptr + e)
         n = tl.load(cnt_ptr + e)
         ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -530,7 +563,7 @@ if HAS_TRITON:
         acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
         acc2 = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
         for i0 in range(0, n, BLOCK_R):
-            rr = r0 + i0 + tl.arange(0, BLOCK_R)
+            rr = r0 + i0 + tl.arange(0, BLOCK_R)  # int64 (r0 is)
             rmask = (i0 + tl.arange(0, BLOCK_R)) < n
             xt = tl.load(
                 x_ptr + rr[None, :] * stride_xn + ks[:, None],
@@ -542,12 +575,12 @@ if HAS_TRITON:
             if DOT_FP32:
                 xt = xt.to(tl.float32)
                 dyt = dyt.to(tl.float32)
-            acc += tl.dot(xt, dyt)
+            acc += tl.dot(xt, dyt, input_precision=PRECISION)
             if HAS_SECOND:
                 d2 = tl.load(dy2_ptr + rr[:, None] * stride_dyn + cols[None, :], mask=dm, other=0.0)
                 if DOT_FP32:
                     d2 = d2.to(tl.float32)
-                acc2 += tl.dot(xt, d2)
+                acc2 += tl.dot(xt, d2, input_precision=PRECISION)
         woff = e.to(tl.int64) * K * M + ks[:, None] * M + cols[None, :]
         wm = kmask[:, None] & cmask[None, :]
         odt = dw_ptr.dtype.element_ty
@@ -556,11 +589,21 @@ if HAS_TRITON:
             tl.store(dw2_ptr + woff, acc2.to(odt), mask=wm)
 
 
-# Tile sizes.  GPU: 64x64x32 tiles (bf16 operands, fp32 accumulators) are a conservative
-# first-run choice for H100; the interpreter uses the same kernels with the same tiles.  Every
-# tl.dot dimension is asserted to be a power of two >= 16.
-_BLOCK_M, _BLOCK_N, _BLOCK_K = 64, 64, 32
-_BLOCK_R = 32  # rows per step of the weight-grad reduction (a dot dimension too)
+N_FASTEST = True  # grid order of the row-tile kernels (see above); gpu_check times both
+
+if HAS_TRITON:
+    # one autotuner per (role, operand width) over the three kernels: each role has its own
+    # register budget (epilogue, second product) and fp32 tiles need twice the storage
+    _TUNED = {
+        (r, w): triton.autotune(cfgs, key=["D", "Fdim"] if r == "gate_up" else ["K", "M"])(
+            globals()[_ROLE_KERNEL[r]]
+        )
+        for (r, w), cfgs in _CONFIGS.items()
+    }
+
+
+def _tuned(role: str, x: Tensor):
+    return _TUNED[(role, "fp32" if x.dtype == torch.float32 else "bf16")]
 
 
 def _schedule(counts_E: Tensor, N: int, block_m: int):
@@ -591,16 +634,39 @@ def _schedule(counts_E: Tensor, N: int, block_m: int):
 
 
 def _dot_fp32(x: Tensor) -> bool:
-    # In the interpreter bf16/fp16 dots are garbage: upcast after loading. On GPU, fp32
-    # tiles use tf32 tensor cores and bf16 tiles go to the tensor cores as they are.
+    # In the interpreter bf16/fp16 dots are garbage: upcast after loading.  On GPU, bf16 tiles
+    # go to the tensor cores as they are and fp32 ones use PRECISION.
     return not x.is_cuda
 
 
-def _fwd_triton(x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD):
-    for name, v in (("BLOCK_M", _BLOCK_M), ("BLOCK_N", _BLOCK_N), ("BLOCK_K", _BLOCK_K)):
-        check_tile(name, v)
+def _check_counts(x_ND: Tensor, counts_E: Tensor) -> None:
+    """The kernels trust the counts: a wrong device or dtype would read garbage, counts that do
+    not sum to N would write out of bounds.  The sum check is an async device assert (a CUDA
+    error at a later sync, no host sync here; raised at once on CPU)."""
+    if counts_E.device != x_ND.device:
+        raise ValueError(
+            f"tokens_per_expert_E is on {counts_E.device} but x_sorted_ND is on {x_ND.device}; "
+            "the Triton kernels read it on the device"
+        )
+    if counts_E.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"tokens_per_expert_E must be int64 (or int32), got {counts_E.dtype}")
+    if counts_E.numel():
+        ok = (counts_E.sum() == x_ND.shape[0]) & (counts_E.min() >= 0)
+        torch._assert_async(
+            ok, "grouped_swiglu: tokens_per_expert_E must be >= 0 and sum to x_sorted_ND's rows"
+        )
+
+
+def _row_grid(n_tiles: int, cols: int):
+    return lambda meta: (n_tiles * triton.cdiv(cols, meta["BLOCK_N"]),)
+
+
+def _fwd_triton(x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD, precision="auto"):
+    check_tile("BLOCK_M", _BLOCK_M)
+    precision = resolve_precision(x_ND.dtype, precision)
     N, D = x_ND.shape
     E, _, Fdim = wg_EDF.shape
+    _check_counts(x_ND, counts_E)
     x_ND = x_ND.contiguous()
     wg, wu, wd = wg_EDF.contiguous(), wu_EDF.contiguous(), wd_EFD.contiguous()
     hg = x_ND.new_empty(N, Fdim)
@@ -610,73 +676,76 @@ def _fwd_triton(x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD):
     if N == 0:
         return y, hg, hu
     te, r0, r1, _, _, n_tiles = _schedule(counts_E, N, _BLOCK_M)
-    dot32 = _dot_fp32(x_ND)
-    _gate_up_fwd_kernel[(n_tiles, triton.cdiv(Fdim, _BLOCK_N))](
+    opts = dict(DOT_FP32=_dot_fp32(x_ND), PRECISION=precision, N_FASTEST=N_FASTEST)
+    _tuned("gate_up", x_ND)[_row_grid(n_tiles, Fdim)](
         x_ND, wg, wu, hg, hu, a, te, r0, r1, D, Fdim,
         x_ND.stride(0), wg.stride(0), wg.stride(1), hg.stride(0),
-        DOT_FP32=dot32, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K,
+        BLOCK_M=_BLOCK_M, **opts,
     )  # fmt: skip
-    _gmm_kernel[(n_tiles, triton.cdiv(D, _BLOCK_N))](
+    _tuned("down", x_ND)[_row_grid(n_tiles, D)](
         a, wd, a, wd, y, y, y, y, y, te, r0, r1, Fdim, D,
         a.stride(0), wd.stride(0), wd.stride(1), wd.stride(2), y.stride(0),
-        HAS_SECOND=False, SWIGLU_BWD=False, DOT_FP32=dot32,
-        BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K,
+        HAS_SECOND=False, SWIGLU_BWD=False, BLOCK_M=_BLOCK_M, **opts,
     )  # fmt: skip
     return y, hg, hu
 
 
-def _bwd_triton(dy_ND, x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD, hg_NF, hu_NF):
-    for name, v in (
-        ("BLOCK_M", _BLOCK_M),
-        ("BLOCK_N", _BLOCK_N),
-        ("BLOCK_K", _BLOCK_K),
-        ("BLOCK_R", _BLOCK_R),
-    ):
-        check_tile(name, v)
+def _wgrad_grid(n_e: int, K: int, M: int):
+    return lambda meta: (n_e * triton.cdiv(K, meta["BLOCK_K"]) * triton.cdiv(M, meta["BLOCK_N"]),)
+
+
+def _bwd_triton(dy_ND, x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD, hg_NF, hu_NF, precision="auto"):
+    check_tile("BLOCK_M", _BLOCK_M)
+    precision = resolve_precision(x_ND.dtype, precision)
     N, D = x_ND.shape
     E, _, Fdim = wg_EDF.shape
     x_ND = x_ND.contiguous()
     dy_ND = dy_ND.contiguous()
     wg, wu, wd = wg_EDF.contiguous(), wu_EDF.contiguous(), wd_EFD.contiguous()
-    dwg = torch.zeros_like(wg)
-    dwu = torch.zeros_like(wu)
-    dwd = torch.zeros_like(wd)
+    # every element of the weight grads is written by the kernel (zeros for an empty expert), so
+    # no memset: zero-filling them cost ~680 MB of writes at the Sigma-MoE-Tiny layer shape
+    dwg = torch.empty_like(wg)
+    dwu = torch.empty_like(wu)
+    dwd = torch.empty_like(wd)
     dx = torch.empty_like(x_ND)
     if N == 0:
+        for w in (dwg, dwu, dwd):
+            w.zero_()
         return dx, dwg, dwu, dwd
     te, r0, r1, offs, counts, n_tiles = _schedule(counts_E, N, _BLOCK_M)
-    # weight-grad programs: every expert on CUDA (no sync; empty ones store zeros), only the
-    # non-empty ones in the interpreter (dW starts at zero)
-    eids = torch.arange(E, device=x_ND.device) if x_ND.is_cuda else counts.nonzero().flatten()
-    n_e = E if x_ND.is_cuda else eids.numel()
-    dot32 = _dot_fp32(x_ND)
+    if x_ND.is_cuda:  # every expert (no sync): empty experts' programs store zeros
+        eids = torch.arange(E, device=x_ND.device)
+    else:  # interpreter: only non-empty experts run (each program costs CPU time) ...
+        eids = counts.nonzero().flatten()
+        empty = (counts == 0).nonzero().flatten()
+        for w in (dwg, dwu, dwd):  # ... and the empty experts' slices are zeroed here
+            w.index_fill_(0, empty, 0)
+    n_e = eids.numel()
+    opts = dict(DOT_FP32=_dot_fp32(x_ND), PRECISION=precision)
+    row_opts = dict(BLOCK_M=_BLOCK_M, N_FASTEST=N_FASTEST, **opts)
     dhg = torch.empty_like(hg_NF)
     dhu = torch.empty_like(hg_NF)
     a = torch.empty_like(hg_NF)
     # dA = dY @ Wd[e]^T (Wd^T via strides) with the SwiGLU backward epilogue
-    _gmm_kernel[(n_tiles, triton.cdiv(Fdim, _BLOCK_N))](
+    _tuned("dA", x_ND)[_row_grid(n_tiles, Fdim)](
         dy_ND, wd, dy_ND, wd, dhg, hg_NF, hu_NF, dhu, a, te, r0, r1, D, Fdim,
         dy_ND.stride(0), wd.stride(0), wd.stride(2), wd.stride(1), dhg.stride(0),
-        HAS_SECOND=False, SWIGLU_BWD=True, DOT_FP32=dot32,
-        BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K,
+        HAS_SECOND=False, SWIGLU_BWD=True, **row_opts,
     )  # fmt: skip
     # dX = dHg @ Wg[e]^T + dHu @ Wu[e]^T
-    _gmm_kernel[(n_tiles, triton.cdiv(D, _BLOCK_N))](
+    _tuned("dX", x_ND)[_row_grid(n_tiles, D)](
         dhg, wg, dhu, wu, dx, dx, dx, dx, dx, te, r0, r1, Fdim, D,
         dhg.stride(0), wg.stride(0), wg.stride(2), wg.stride(1), dx.stride(0),
-        HAS_SECOND=True, SWIGLU_BWD=False, DOT_FP32=dot32,
-        BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K,
+        HAS_SECOND=True, SWIGLU_BWD=False, **row_opts,
     )  # fmt: skip
     # dWg[e] = X^T dHg, dWu[e] = X^T dHu (shared X loads);  dWd[e] = A^T dY
-    _gmm_wgrad_kernel[(n_e, triton.cdiv(D, _BLOCK_K), triton.cdiv(Fdim, _BLOCK_N))](
+    _tuned("dW2", x_ND)[_wgrad_grid(n_e, D, Fdim)](
         x_ND, dhg, dhu, dwg, dwu, eids, offs, counts, D, Fdim, x_ND.stride(0), dhg.stride(0),
-        HAS_SECOND=True, DOT_FP32=dot32,
-        BLOCK_K=_BLOCK_K, BLOCK_N=_BLOCK_N, BLOCK_R=_BLOCK_R,
+        HAS_SECOND=True, **opts,
     )  # fmt: skip
-    _gmm_wgrad_kernel[(n_e, triton.cdiv(Fdim, _BLOCK_K), triton.cdiv(D, _BLOCK_N))](
+    _tuned("dW1", x_ND)[_wgrad_grid(n_e, Fdim, D)](
         a, dy_ND, dy_ND, dwd, dwd, eids, offs, counts, Fdim, D, a.stride(0), dy_ND.stride(0),
-        HAS_SECOND=False, DOT_FP32=dot32,
-        BLOCK_K=_BLOCK_K, BLOCK_N=_BLOCK_N, BLOCK_R=_BLOCK_R,
+        HAS_SECOND=False, **opts,
     )  # fmt: skip
     return dx, dwg, dwu, dwd
 
@@ -686,16 +755,22 @@ def _bwd_triton(dy_ND, x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD, hg_NF, hu_NF):
 # ----------------------------------------------------------------------------------------------
 @torch.library.custom_op("sigma_moe::grouped_swiglu_fwd", mutates_args=())
 def _gs_fwd_op(
-    x_ND: Tensor, counts_E: Tensor, wg_EDF: Tensor, wu_EDF: Tensor, wd_EFD: Tensor, backend: str
+    x_ND: Tensor,
+    counts_E: Tensor,
+    wg_EDF: Tensor,
+    wu_EDF: Tensor,
+    wd_EFD: Tensor,
+    backend: str,
+    precision: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (y_ND, h_gate_NF, h_up_NF); the h_* are saved for backward."""
     if backend == "torch":
-        return _fwd_torch(x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD)
-    return _fwd_triton(x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD)
+        return _fwd_torch_best(x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD)
+    return _fwd_triton(x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD, precision)
 
 
 @_gs_fwd_op.register_fake
-def _(x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD, backend):
+def _(x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD, backend, precision):
     N, D = x_ND.shape
     Fdim = wg_EDF.shape[2]
     return x_ND.new_empty(N, D), x_ND.new_empty(N, Fdim), x_ND.new_empty(N, Fdim)
@@ -712,15 +787,16 @@ def _gs_bwd_op(
     hg_NF: Tensor,
     hu_NF: Tensor,
     backend: str,
+    precision: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     args = (dy_ND, x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD, hg_NF, hu_NF)
     if backend == "torch":
-        return _bwd_torch(*args)
-    return _bwd_triton(*args)
+        return _bwd_torch_best(*args)
+    return _bwd_triton(*args, precision)
 
 
 @_gs_bwd_op.register_fake
-def _(dy_ND, x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD, hg_NF, hu_NF, backend):
+def _(dy_ND, x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD, hg_NF, hu_NF, backend, precision):
     return (
         torch.empty_like(x_ND),
         torch.empty_like(wg_EDF),
@@ -731,20 +807,21 @@ def _(dy_ND, x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD, hg_NF, hu_NF, backend):
 
 def _setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero-filled grads for unused outputs
-    x_ND, counts_E, wg, wu, wd, backend = inputs
+    x_ND, counts_E, wg, wu, wd, backend, precision = inputs
     _, hg, hu = output
     ctx.save_for_backward(x_ND, counts_E, wg, wu, wd, hg, hu)
     ctx.backend = backend
+    ctx.precision = precision
 
 
 def _backward(ctx, dy_ND, _ghg, _ghu):
     x_ND, counts_E, wg, wu, wd, hg, hu = ctx.saved_tensors
     if dy_ND is None:
-        return None, None, None, None, None, None
+        return None, None, None, None, None, None, None
     dx, dwg, dwu, dwd = _gs_bwd_op(
-        dy_ND.contiguous(), x_ND, counts_E, wg, wu, wd, hg, hu, ctx.backend
+        dy_ND.contiguous(), x_ND, counts_E, wg, wu, wd, hg, hu, ctx.backend, ctx.precision
     )
-    return dx, None, dwg, dwu, dwd, None
+    return dx, None, dwg, dwu, dwd, None, None
 
 
 torch.library.register_autograd("sigma_moe::grouped_swiglu_fwd", _backward, setup_context=_setup)
@@ -758,9 +835,16 @@ def grouped_swiglu(
     w_down_EFD: Tensor,
     *,
     backend: str = "auto",
+    input_precision: str | None = None,
 ) -> Tensor:
-    """Per-expert SwiGLU over expert-sorted rows; see the module docstring."""
+    """Per-expert SwiGLU over expert-sorted rows; see the module docstring.
+
+    ``input_precision`` (Triton backends, fp32 only): "ieee" | "tf32x3" (fp32 accuracy) |
+    "tf32" (fast, ~1e-3 relative error); None follows ``torch.get_float32_matmul_precision()``
+    (see ``resolve_precision``).
+    """
     _check_args(x_sorted_ND, tokens_per_expert_E, w_gate_EDF, w_up_EDF, w_down_EFD)
     be = resolve_backend(backend, x_sorted_ND, w_gate_EDF, w_up_EDF, w_down_EFD)
-    outs = _gs_fwd_op(x_sorted_ND, tokens_per_expert_E, w_gate_EDF, w_up_EDF, w_down_EFD, be)
+    prec = check_precision(input_precision)  # "auto" is resolved by the launcher
+    outs = _gs_fwd_op(x_sorted_ND, tokens_per_expert_E, w_gate_EDF, w_up_EDF, w_down_EFD, be, prec)
     return outs[0]

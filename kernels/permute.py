@@ -192,11 +192,12 @@ if HAS_TRITON:
         """dst[r, :] = src[idx[r], :] for a block of BLOCK_R rows x BLOCK_D columns."""
         pid_r = tl.program_id(0)
         pid_d = tl.program_id(1)
-        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        # int64 rows: row * stride overflows int32 once N*D >= 2**31 (T=65536, k=8, D=5120)
+        rows = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
         rmask = rows < N
         m2 = rmask[:, None] & (cols[None, :] < D)
-        src_rows = tl.load(idx_ptr + rows, mask=rmask, other=0)
+        src_rows = tl.load(idx_ptr + rows, mask=rmask, other=0).to(tl.int64)
         v = tl.load(src_ptr + src_rows[:, None] * stride_s + cols[None, :], mask=m2)
         tl.store(dst_ptr + rows[:, None] * stride_d + cols[None, :], v, mask=m2)
 
@@ -218,13 +219,13 @@ if HAS_TRITON:
         """out[t] = sum_j w[t, j] * y[row_map[t*K + j]]; fp32 accumulation."""
         pid_t = tl.program_id(0)
         pid_d = tl.program_id(1)
-        rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        rows = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)  # int64: see the gather
         cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
         rmask = rows < T
         m2 = rmask[:, None] & (cols[None, :] < D)
         acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
         for j in tl.static_range(K):
-            r = tl.load(rm_ptr + rows * K + j, mask=rmask, other=0)
+            r = tl.load(rm_ptr + rows * K + j, mask=rmask, other=0).to(tl.int64)
             v = tl.load(y_ptr + r[:, None] * stride_y + cols[None, :], mask=m2, other=0.0)
             v = v.to(tl.float32)
             if HAS_W:
@@ -255,10 +256,10 @@ if HAS_TRITON:
     ):
         """grad_y[row_map[t*K+j]] = w[t,j] * g[t];  grad_w[t,j] = <g[t], y[row_map[t*K+j]]>."""
         pid_t = tl.program_id(0)
-        rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        rows = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)  # int64: see the gather
         rmask = rows < T
         for j in tl.static_range(K):
-            r = tl.load(rm_ptr + rows * K + j, mask=rmask, other=0)
+            r = tl.load(rm_ptr + rows * K + j, mask=rmask, other=0).to(tl.int64)
             wj = tl.load(w_ptr + rows * K + j, mask=rmask, other=0.0).to(tl.float32)
             dot = tl.zeros([BLOCK_T], dtype=tl.float32)
             for d0 in range(0, D, BLOCK_D):
@@ -277,13 +278,25 @@ if HAS_TRITON:
             tl.store(gw_ptr + rows * K + j, dot, mask=rmask)
 
 
-def _row_blocks(rows: int, D: int):
-    BLOCK_D = min(triton.next_power_of_2(max(D, 1)), 256)
-    # ~16K elements per program: amortises the interpreter's per-program cost, fits a GPU SM
-    BLOCK_R = max(1, min(triton.next_power_of_2(max(rows, 1)), 16384 // BLOCK_D))
+def _row_blocks(rows: int, D: int, cuda: bool, gpu_elems: int = 4096, gpu_d: int = 256):
+    """(BLOCK_R, BLOCK_D) of the row kernels.
+
+    Interpreter: ~16K elements per program (amortises its per-program cost).  GPU: ~4K
+    (16 x 256): 32 fp32 values per thread at 4 warps, no spills for any k <= 8 (the `sm90` tier
+    checks), and T/16 programs -- 512 at T=8192, several waves on 132 SMs.  The 64 x 256 tiles
+    the interpreter uses made the unpermute backward spill 4.7 KB per thread at fp32 k=8.
+    """
+    BLOCK_D = min(triton.next_power_of_2(max(D, 1)), gpu_d if cuda else 256)
+    elems = gpu_elems if cuda else 16384
+    BLOCK_R = max(1, min(triton.next_power_of_2(max(rows, 1)), elems // BLOCK_D))
     check_block("BLOCK_D", BLOCK_D)
     check_block("BLOCK_R", BLOCK_R)
     return BLOCK_R, BLOCK_D
+
+
+# the unpermute backward holds g and y tiles and a row dot per slot: 16 x 128 on GPU
+# (56 registers, no spills at k=8 fp32; see _row_blocks)
+_UNPERMUTE_BWD_GPU = dict(gpu_elems=2048, gpu_d=128)
 
 
 def _rowmajor(t: Tensor) -> Tensor:
@@ -296,7 +309,7 @@ def _gather_rows_triton(src_SD: Tensor, idx_N: Tensor) -> Tensor:
     out = torch.empty(N, D, dtype=src_SD.dtype, device=src_SD.device)
     if N == 0 or D == 0:
         return out
-    BLOCK_R, BLOCK_D = _row_blocks(N, D)
+    BLOCK_R, BLOCK_D = _row_blocks(N, D, src_SD.is_cuda)
     grid = (triton.cdiv(N, BLOCK_R), triton.cdiv(D, BLOCK_D))
     _gather_rows_kernel[grid](
         src_SD, idx_N, out, N, D, src_SD.stride(0), out.stride(0), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D
@@ -310,8 +323,9 @@ def _combine_triton(y_ND, row_map_N, weights_TK, T: int, k: int):
     out = torch.empty(T, D, dtype=y_ND.dtype, device=y_ND.device)
     if T == 0 or D == 0:
         return out
-    BLOCK_T, BLOCK_D = _row_blocks(T * k, D)
-    BLOCK_T = max(1, BLOCK_T // triton.next_power_of_2(k))
+    BLOCK_T, BLOCK_D = _row_blocks(T * k, D, y_ND.is_cuda)
+    if not y_ND.is_cuda:  # interpreter: ~16K gathered elements per program
+        BLOCK_T = max(1, BLOCK_T // triton.next_power_of_2(k))
     grid = (triton.cdiv(T, BLOCK_T), triton.cdiv(D, BLOCK_D))
     w = weights_TK.contiguous() if weights_TK is not None else y_ND  # dummy pointer if no W
     _combine_kernel[grid](
@@ -344,9 +358,9 @@ def _unpermute_bwd_triton(grad_TD, y_ND, row_map_N, weights_TK):
     grad_TD = _rowmajor(grad_TD)
     D = y_ND.shape[1]
     grad_y = torch.empty_like(y_ND, memory_format=torch.contiguous_format)
-    grad_w = torch.zeros(T, k, dtype=torch.float32, device=y_ND.device)
+    grad_w = torch.empty(T, k, dtype=torch.float32, device=y_ND.device)  # every slot written
     if T > 0 and D > 0:
-        BLOCK_T, BLOCK_D = _row_blocks(T, D)
+        BLOCK_T, BLOCK_D = _row_blocks(T, D, y_ND.is_cuda, **_UNPERMUTE_BWD_GPU)
         _unpermute_bwd_kernel[(triton.cdiv(T, BLOCK_T),)](
             grad_TD,
             y_ND,
@@ -364,6 +378,7 @@ def _unpermute_bwd_triton(grad_TD, y_ND, row_map_N, weights_TK):
         )
     elif T > 0:
         grad_y.zero_()
+        grad_w.zero_()
     return grad_y, grad_w.to(weights_TK.dtype)
 
 

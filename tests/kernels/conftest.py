@@ -40,3 +40,35 @@ def backend(request) -> str:
 @pytest.fixture
 def device(backend) -> torch.device:
     return torch.device("cuda" if backend == "triton" else "cpu")
+
+
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """torch.empty / empty_like / Tensor.new_empty return NaN-filled floating tensors.
+
+    A launcher that allocates with empty (no memset) must write every element: any element left
+    unwritten then shows up as NaN in the result.  Returns the list of shapes passed to
+    torch.zeros_like, so a test can also assert that no large buffer is zero-filled.
+    """
+
+    def poisoned(f):
+        def g(*a, **kw):
+            t = f(*a, **kw)
+            if t.is_floating_point():
+                t.fill_(float("nan"))
+            return t
+
+        return g
+
+    monkeypatch.setattr(torch, "empty", poisoned(torch.empty))
+    monkeypatch.setattr(torch, "empty_like", poisoned(torch.empty_like))
+    monkeypatch.setattr(torch.Tensor, "new_empty", poisoned(torch.Tensor.new_empty))
+    zeroed = []
+    zeros_like = torch.zeros_like
+
+    def recording_zeros_like(t, *a, **kw):
+        zeroed.append(tuple(t.shape))
+        return zeros_like(t, *a, **kw)
+
+    monkeypatch.setattr(torch, "zeros_like", recording_zeros_like)
+    return zeroed

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -161,3 +163,52 @@ def test_plan_pads_little_and_covers_every_expert():
     skew[3] = 4096
     plan, P = _plan(skew)
     assert P == 4096
+
+
+def test_weight_grads_allocated_empty_and_fully_written(backend, device, poison_empty):
+    # the Triton backward allocates dW with empty (a zero-fill was ~680 MB of memset at the
+    # Sigma-MoE-Tiny shape): every element, empty experts' included, must be written
+    if backend == "torch":
+        pytest.skip("the Triton launchers' allocation contract")
+    counts = [0, 5, 0, 0, 70, 0, 3, 0]
+    _check(counts, 48, 40, backend, device)
+    assert (8, 48, 40) not in poison_empty and (8, 40, 48) not in poison_empty
+
+
+def test_triton_path_checks_counts(backend, device):
+    if backend == "torch":
+        pytest.skip("the Triton launchers' checks")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(10, 48, device=device)
+    ws = [w.detach() for w in _weights(2, 48, 40, torch.float32, device, gen)]
+    # counts that do not sum to N would make the kernels write out of bounds: an async device
+    # assert (raised at the next sync on CUDA, at once on CPU)
+    with pytest.raises(RuntimeError, match="sum to x_sorted_ND"):
+        K.grouped_swiglu(x, torch.tensor([4, 7], device=device), *ws, backend=backend)
+        torch.cuda.synchronize() if device.type == "cuda" else None
+    # counts on another device (e.g. CPU counts for CUDA rows): the launcher refuses them (called
+    # directly: a meta tensor through the public op would dispatch to the fake kernel)
+    gs = importlib.import_module("sigma_moe_kernels.grouped_swiglu")
+    with pytest.raises(ValueError, match="tokens_per_expert_E is on meta"):
+        gs._fwd_triton(x, torch.tensor([4, 6], device="meta"), *ws)
+    with pytest.raises(ValueError, match="int64"):
+        gs._fwd_triton(x, torch.tensor([4, 6], device=device, dtype=torch.int16), *ws)
+
+
+@pytest.mark.parametrize("precision,atol", [("ieee", 1e-5), ("tf32x3", 1e-5), ("tf32", 5e-3)])
+def test_input_precision_tolerances(precision, atol, backend, device):
+    # on a GPU fp32 dots run as TF32 unless told otherwise (max error ~2e-3 here); the default
+    # (tf32x3) and "ieee" hold fp32 parity, "tf32" gets a TF32 tolerance
+    if backend != "triton" and precision != "tf32x3":
+        pytest.skip("precision only changes the GPU kernels (the interpreter computes in fp32)")
+    gen = torch.Generator().manual_seed(3)
+    counts = _random_counts(200, 8, gen)
+    N = sum(counts)
+    x = torch.randn(N, 48, generator=gen).to(device).requires_grad_()
+    ws = _weights(8, 48, 40, torch.float32, device, gen)
+    y = K.grouped_swiglu(x, torch.tensor(counts, device=device), *ws, backend=backend,
+                         input_precision=precision)  # fmt: skip
+    x_ref = x.detach().cpu().requires_grad_()
+    ws_ref = [w.detach().cpu().requires_grad_() for w in ws]
+    y_ref = K.reference.grouped_swiglu(x_ref, torch.tensor(counts), *ws_ref)
+    torch.testing.assert_close(y.detach().cpu(), y_ref.detach(), atol=atol, rtol=atol * 10)

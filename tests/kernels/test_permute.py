@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import os
+
 import pytest
 import torch
 
@@ -140,3 +143,36 @@ def test_gradcheck_torch_backend():
     assert torch.autograd.gradcheck(
         lambda y, w: K.unpermute(y, row_map, w, backend="torch"), (y, w)
     )
+
+
+def test_outputs_allocated_empty_are_fully_written(backend, device, poison_empty):
+    # unpermute's backward allocates grad_y and grad_w with empty: every element must be written
+    gen = torch.Generator().manual_seed(6)
+    for k in (1, 8):
+        experts = _experts(200, 96, k, gen)
+        x = torch.randn(200, 40, generator=gen).to(device).requires_grad_()
+        w = torch.rand(200, k, generator=gen).to(device).requires_grad_()
+        ours, ref = _run_pair(x, experts, w, backend)
+        _check_grads(ours, ref, 1e-6, 1e-5)
+
+
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="runs the gather kernel in the interpreter"
+)
+def test_gather_row_offsets_are_int64():
+    # row * stride overflowed int32 once N*D >= 2**31 (T=65536, k=8, D >= 5120).  Rows 2**30
+    # bytes apart: row 2 sits 2**31 past the base, where int32 offsets wrap to base - 2**31 --
+    # inside this (virtual, untouched except for a few pages) 4 GiB buffer, so a regression
+    # shows as wrong data instead of a crash.
+    pm = importlib.import_module("sigma_moe_kernels.permute")
+    D, stride = 16, 2**30
+    big = torch.empty(2**32 + 4096, dtype=torch.uint8)
+    dst = big[2**31 :].as_strided((3, D), (stride, 1))
+    src = torch.randint(
+        0, 255, (3, D), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    idx = torch.tensor([2, 0, 1])
+    below = big[:D].clone()
+    pm._gather_rows_kernel[(1, 1)](src, idx, dst, 3, D, D, stride, BLOCK_R=4, BLOCK_D=16)
+    assert torch.equal(dst, src[idx])
+    assert torch.equal(big[:D], below), "a row was written at base - 2**31 (int32 wrap)"

@@ -158,3 +158,13 @@ def test_gradcheck_torch_backend():
             return w, ps
 
         assert torch.autograd.gradcheck(f, (logits,), eps=1e-3, atol=1e-3, rtol=1e-3)
+
+
+def test_outputs_allocated_empty_are_fully_written(backend, device, poison_empty):
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(300, 96, generator=gen)
+    for k in (1, 8):
+        out = K.topk_route(logits.to(device), k, backend=backend)
+        ref = K.reference.topk_route(logits, k)
+        for a, b in zip(out, ref):
+            torch.testing.assert_close(a.cpu(), b, atol=1e-6, rtol=1e-5)
