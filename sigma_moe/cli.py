@@ -17,6 +17,11 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.set)
     out = Path(args.out or Path("runs") / Path(args.config).stem)
+    if cfg.rho1.mode != "none":
+        from sigma_moe.rho1.reference import check_reference_tokenizer
+
+        # Before anything is built: a bad reference is one line, not a [rank0] traceback.
+        check_reference_tokenizer(cfg.rho1.reference, cfg.data.tokenizer)
     run_training(cfg, out, resume=args.resume)
     return 0
 
@@ -24,7 +29,7 @@ def _train(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from sigma_moe.demo import run_demo
 
-    run_demo(Path(args.out), steps=args.steps, rho1=not args.no_rho1)
+    run_demo(Path(args.out), steps=args.steps, rho1=not args.no_rho1, resume=args.resume)
     return 0
 
 
@@ -36,9 +41,22 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from sigma_moe.train.evaluate import generate_text
+    from sigma_moe.train.evaluate import check_generate_args, stream_text
 
-    print(generate_text(args.ckpt, args.prompt, args.max_new_tokens, args.temperature, args.seed))
+    check_generate_args(args.prompt, args.max_new_tokens, args.temperature)  # before loading
+    pieces = stream_text(args.ckpt, args.prompt, args.max_new_tokens, args.temperature, args.seed)
+    try:
+        for piece in pieces:  # tokens as they come
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except KeyboardInterrupt:  # what was printed stays
+        print(flush=True)
+        print(
+            "sigma-moe generate: interrupted; the text above is all that was generated",
+            file=sys.stderr,
+        )
+        return 130
+    print(flush=True)
     return 0
 
 
@@ -132,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--steps", type=int, default=None, help="training steps of each MoE run")
     d.add_argument("--no-rho1", action="store_true", help="only train the plain MoE")
+    d.add_argument(
+        "--resume", default="none", help="auto: continue every stage from its newest checkpoint"
+    )
     d.set_defaults(func=_demo)
 
     e = sub.add_parser("eval", help="per-domain validation loss of a checkpoint")
@@ -143,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="sample text from a checkpoint")
     g.add_argument("ckpt")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--max-new-tokens", type=int, default=64, help="1 .. 4096 (default 64)")
+    g.add_argument("--temperature", type=float, default=0.8, help=">= 0; 0 = greedy")
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=_generate)
 
@@ -198,20 +219,28 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
         if os.environ.get("SIGMA_MOE_TRACEBACK"):
             raise
         print(f"sigma-moe {args.command}: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
-        # A run stopped on purpose (NaN policy, scorer) or a checkpoint that could not be
-        # written: the message names the checkpoint to resume from; no traceback needed.
-        if type(e).__name__ not in ("TrainingStopped", "CheckpointError") or os.environ.get(
-            "SIGMA_MOE_TRACEBACK"
-        ):
+        # A run stopped on purpose (NaN policy, scorer, a stopped stage) or a checkpoint that
+        # could not be written: the message names what to resume from; no traceback needed.
+        if not _is_stop(e) or os.environ.get("SIGMA_MOE_TRACEBACK"):
             raise
         print(f"sigma-moe {args.command}: stopped: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:  # a second Ctrl-C: stopped at once
+        print(
+            f"sigma-moe {args.command}: interrupted{f' ({e})' if str(e) else ''}", file=sys.stderr
+        )
+        return 130
+
+
+def _is_stop(e: BaseException) -> bool:
+    names = {c.__name__ for c in type(e).__mro__}
+    return bool(names & {"TrainingStopped", "CheckpointError", "StageInterrupted"})
 
 
 if __name__ == "__main__":

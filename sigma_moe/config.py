@@ -8,6 +8,7 @@ recipe or a `--set` override never silently becomes a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -37,10 +38,16 @@ class TopkPhase:
     layers: list[int] = field(default_factory=list)
     topk: int = 1
 
-    def validate(self, key: str) -> None:
+    def validate(self, key: str, num_layers: int, num_experts: int) -> None:
         _check(self.until_step > 0, f"{key}.until_step", f"must be > 0, got {self.until_step}")
-        _check(self.topk >= 1, f"{key}.topk", f"must be >= 1, got {self.topk}")
+        _check(
+            1 <= self.topk <= num_experts,
+            f"{key}.topk",
+            f"must be in [1, {num_experts}] (the model's num_experts), got {self.topk}",
+        )
         _check(len(self.layers) > 0, f"{key}.layers", "must list at least one layer")
+        bad = [li for li in self.layers if not 0 <= li < num_layers]
+        _check(not bad, f"{key}.layers", f"layers {bad} not in [0, {num_layers})")
 
 
 @dataclass
@@ -79,7 +86,7 @@ class ModelSection:
     kernel_backend: Literal["auto", "torch", "triton", "interpret"] = "auto"
 
     def validate(self, key: str = "model") -> None:
-        from sigma_moe.model.config import PRESETS
+        from sigma_moe.model.config import PRESETS, SigmaMoEConfig
 
         _check(
             self.preset in PRESETS,
@@ -121,8 +128,18 @@ class ModelSection:
             f"{key}.capacity_factor",
             f"must be > 0 or null (dropless), got {self.capacity_factor}",
         )
+        # Bounds the model would only check at its first step (after start-up, issue 15).
+        preset = PRESETS[self.preset]
+        n_layers = self.num_layers or preset.get("num_layers", SigmaMoEConfig.num_layers)
+        n_experts = self.num_experts or preset.get("num_experts", SigmaMoEConfig.num_experts)
+        for v in topks:
+            _check(
+                v is None or v <= n_experts,
+                f"{key}.router_topk",
+                f"top-k {v} is more than the model's {n_experts} experts",
+            )
         for i, ph in enumerate(self.topk_schedule):
-            ph.validate(f"{key}.topk_schedule[{i}]")
+            ph.validate(f"{key}.topk_schedule[{i}]", n_layers, n_experts)
 
 
 @dataclass
@@ -262,6 +279,10 @@ class TrainConfig:
         _check(0 <= self.min_lr_ratio <= 1, f"{key}.min_lr_ratio", "must be in [0, 1]")
         _check(self.warmup_steps >= 0, f"{key}.warmup_steps", "must be >= 0")
         _check(0 < self.decay_fraction <= 1, f"{key}.decay_fraction", "must be in (0, 1]")
+        for name in ("beta1", "beta2"):
+            v = getattr(self, name)
+            _check(0 <= v < 1, f"{key}.{name}", f"must be in [0, 1) (AdamW), got {v}")
+        _check(self.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
         _check(self.grad_clip >= 0, f"{key}.grad_clip", "must be >= 0 (0 disables clipping)")
         _check(self.nan_max_skips >= 0, f"{key}.nan_max_skips", "must be >= 0")
         _check(
@@ -381,6 +402,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         _check(ok, key, f"expected a number, got {value!r}")
+        # `.inf` / `.nan` are YAML numbers; no key of ours means anything with them (issue 15:
+        # train.lr=.inf trained into NaN weights).
+        _check(math.isfinite(value), key, f"must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         _check(isinstance(value, str), key, f"expected a string, got {value!r}")
@@ -439,9 +463,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise FileNotFoundError(f"config file not found: {p}")
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
+            tree = yaml.safe_load(p.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+        if tree is None:  # an empty file would silently run the built-in defaults (300 steps)
+            raise ConfigError(
+                f"config file {p} is empty: give at least one key (e.g. copy configs/demo-cpu.yaml)"
+            )
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {p} must hold a mapping at the top level")
     for k, v in parse_overrides(overrides or []):

@@ -1,5 +1,10 @@
 """`sigma-moe demo`: the bundled corpus → a demo-cpu Sigma-MoE trained on CPU → evaluation,
-summary and plots; with Rho-1, the reference model and the selective-LM comparison too."""
+summary and plots; with Rho-1, the reference model and the selective-LM comparison too.
+
+Ctrl-C / SIGTERM stops the current stage after its step with a checkpoint and then the whole
+demo (`StageInterrupted`, nothing reported from the stopped stage); a second one stops at once.
+`--resume auto` continues every stage from its newest checkpoint (finished stages only
+re-read their summary)."""
 
 from __future__ import annotations
 
@@ -20,8 +25,9 @@ def _config_path(name: str) -> Path:
     return p
 
 
-def run_demo(out: Path, steps: int | None = None, rho1: bool = True) -> dict:
+def run_demo(out: Path, steps: int | None = None, rho1: bool = True, resume: str = "none") -> dict:
     from sigma_moe.data.bundled import ensure_bundled_data
+    from sigma_moe.train.callbacks import require_complete
     from sigma_moe.train.loop import run_training
 
     out.mkdir(parents=True, exist_ok=True)
@@ -33,7 +39,10 @@ def run_demo(out: Path, steps: int | None = None, rho1: bool = True) -> dict:
         f"[demo] training the demo-cpu MoE ({cfg.train.max_steps} steps) into {out / 'moe'}",
         file=sys.stderr,
     )
-    summary = run_training(cfg, out / "moe")
+    summary = run_training(cfg, out / "moe", resume=resume)
+    hint = f"sigma-moe demo --out {out}" + (f" --steps {steps}" if steps else "")
+    hint += ("" if rho1 else " --no-rho1") + " --resume auto"
+    require_complete(summary, "demo-cpu MoE", out / "moe", hint)
     result = {"moe": summary}
     first, last = summary["first_eval"]["val_loss"], summary["last_eval"]["val_loss"]
     result["val_loss_drop_pct"] = 100 * (1 - last / first)

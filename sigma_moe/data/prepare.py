@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sigma_moe.data.textio import iter_documents, resolve_inputs
+from sigma_moe.data.textio import check_output_folder, iter_documents, resolve_inputs
 from sigma_moe.data.tokenizer import BUNDLED_VOCAB_SIZE, Tokenizer, load_tokenizer
 
 META_FORMAT = "sigma-moe-prepared/1"
@@ -116,7 +116,7 @@ def prepare_docs(
         )
     if not 0.0 <= float(val_fraction) < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    out = Path(out_dir)
+    out = check_output_folder(out_dir, "--out")
     out.mkdir(parents=True, exist_ok=True)
     eod = tokenizer.eod
     dtype = _token_dtype(tokenizer.vocab_size)
@@ -203,6 +203,7 @@ def prepare_data(
     Raises FileNotFoundError naming a missing input or tokenizer.
     """
     files = resolve_inputs(inputs)
+    check_output_folder(out_dir, "--out")  # before the (long) tokenisation
     tokenizer = load_tokenizer(tokenizer_spec)
     return prepare_docs(
         iter_documents(files),

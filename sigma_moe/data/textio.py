@@ -74,6 +74,18 @@ def iter_file_documents(path: str | os.PathLike) -> Iterator[str]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"input {str(p)!r} does not exist")
+    try:
+        yield from _file_documents(p)
+    except UnicodeDecodeError as e:  # the codec's message does not say which file
+        raise ValueError(
+            f"input {str(p)!r} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+            f"{e.start} of a decoded block): convert it to UTF-8 or leave it out"
+        ) from None
+    except (EOFError, OSError, lzma.LZMAError) as e:  # a truncated or fake .gz / .xz
+        raise ValueError(f"input {str(p)!r} cannot be read: {e}") from None
+
+
+def _file_documents(p: Path) -> Iterator[str]:
     suffix = _base_suffix(p)
     with _open_text(p) as f:
         if suffix in (".jsonl", ".json"):
@@ -94,6 +106,21 @@ def iter_file_documents(path: str | os.PathLike) -> Iterator[str]:
                 doc = doc.strip("\n")
                 if doc.strip():
                     yield doc
+
+
+def check_output_folder(path: str | os.PathLike, what: str) -> Path:
+    """`path` must be a folder or not exist yet, under no file: a clear error naming `what`
+    (`--out`) instead of a FileExistsError / NotADirectoryError traceback from mkdir."""
+    out = Path(path)
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ValueError(
+                    f"{what} {str(out)!r}: {str(p)!r} is an existing file, not a folder; "
+                    f"choose another {what}"
+                )
+            break
+    return out
 
 
 def iter_documents(inputs) -> Iterator[str]:

@@ -36,7 +36,12 @@ def tokenizer_fingerprint(path_or_json: str | os.PathLike) -> str:
             p = p / "tokenizer.json"
         if not p.is_file():
             raise FileNotFoundError(f"tokenizer file {str(p)!r} does not exist")
-        s = p.read_text(encoding="utf-8")
+        try:
+            s = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(
+                f"tokenizer file {str(p)!r} is not UTF-8 text (a binary file?)"
+            ) from None
     try:
         return _canonical_fingerprint(s)
     except json.JSONDecodeError as e:
@@ -52,7 +57,13 @@ class Tokenizer:
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"tokenizer file {str(p)!r} does not exist")
-        raw = p.read_text(encoding="utf-8")
+        try:
+            raw = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(
+                f"tokenizer file {str(p)!r} is not a tokenizer.json (not UTF-8 text; a binary "
+                "file?)"
+            ) from None
         try:
             self._tok = HFTokenizer.from_str(raw)
         except Exception as e:  # tokenizers raises its own Exception type

@@ -16,6 +16,10 @@ scorer cost?
 Writes ``out/rho1_results.json`` (``clm_clean_val_loss``, ``slm_clean_val_loss``,
 ``noise_selected_frac``, ``clean_selected_frac``, throughput, …), ``out/rho1_tokens.html``,
 ``out/rho1_tokens.png`` and ``out/rho1_table.md``.
+
+A stage stopped by Ctrl-C / SIGTERM (or that fails) stops the experiment after its checkpoint:
+no ``rho1_results.json`` is written from an unfinished run (a stage's step-0 loss once became
+``slm_prefilled_clean_val_loss``, issue 15); ``resume="auto"`` continues the stages.
 """
 
 from __future__ import annotations
@@ -52,15 +56,17 @@ class _Timer:
         self.t_end = time.perf_counter()
 
 
-def _train(cfg, out: Path, label: str) -> dict[str, Any]:
+def _train(cfg, out: Path, label: str, resume: str = "none", hint: str = "") -> dict[str, Any]:
     from sigma_moe.rho1.callback import Rho1Callback
+    from sigma_moe.train.callbacks import require_complete
     from sigma_moe.train.loop import run_training
 
     timer = _Timer()
     print(f"\n=== {label}: {out} ===", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    summary = run_training(cfg, out, extra_callbacks=[Rho1Callback(cfg, out), timer])
+    summary = run_training(cfg, out, resume=resume, extra_callbacks=[Rho1Callback(cfg, out), timer])
     wall = time.perf_counter() - t0
+    require_complete(summary, label, out, hint or "rerun the same command with resume='auto'")
     steps_s = sum(timer.step_times)
     return {
         "summary": summary,
@@ -247,11 +253,15 @@ def run_rho1_experiment(
     prefilled: bool = False,
     reference: str | os.PathLike | None = None,
     progress: bool = True,
+    resume: str = "none",
+    resume_hint: str | None = None,
 ) -> dict[str, Any]:
     """Run the experiment into ``out``; returns the results dict (also ``out/rho1_results.json``).
 
     ``steps``: target steps per run (default 100); ``ref_steps``: reference steps (default 200);
     ``prefilled``: also train from a store prefilled offline (for the throughput comparison).
+    ``resume``: "auto" continues every stage from its newest checkpoint. A stage that stops
+    early raises ``StageInterrupted`` (``resume_hint`` is the command it tells to run).
     """
     args = argparse.Namespace(
         out=Path(out),
@@ -273,6 +283,11 @@ def run_rho1_experiment(
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
+    hint = resume_hint or "the same command with --resume auto"
+
+    def train(cfg, run: Path, label: str) -> dict[str, Any]:
+        return _train(cfg, run, label, resume, hint)
+
     t_all = time.perf_counter()
     results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}}
 
@@ -287,7 +302,7 @@ def run_rho1_experiment(
                 f"logging.progress={'true' if args.progress else 'false'}",
             ],
         )
-        ref_run = _train(ref_cfg, out / "ref", "reference (clean domains)")
+        ref_run = train(ref_cfg, out / "ref", "reference (clean domains)")
         ref_path = out / "ref" / "checkpoints"
         results["reference"] = {
             "config": "configs/ref-demo.yaml",
@@ -303,7 +318,7 @@ def run_rho1_experiment(
 
     # 2a. CLM
     clm_cfg = load_config(cfg_file, base + ["rho1.mode=none"])
-    clm = _train(clm_cfg, out / "clm", "target CLM (rho1.mode=none)")
+    clm = train(clm_cfg, out / "clm", "target CLM (rho1.mode=none)")
 
     # 2b. SLM, live scorer side process
     slm_sets = base + [
@@ -314,7 +329,7 @@ def run_rho1_experiment(
     slm_cfg = load_config(
         cfg_file, slm_sets + ["rho1.scorer=process", f"rho1.store={out / 'store-live'}"]
     )
-    slm = _train(slm_cfg, out / "slm", "target SLM (rho1.mode=excess, live scorer)")
+    slm = train(slm_cfg, out / "slm", "target SLM (rho1.mode=excess, live scorer)")
 
     # 2c. SLM from a prefilled store
     pre = None
@@ -324,7 +339,7 @@ def run_rho1_experiment(
         )
         print("\n=== prefilling the reference-loss store offline ===", file=sys.stderr, flush=True)
         fill = prefill(pre_cfg, str(ref_path), str(out / "store-prefilled"), progress=args.progress)
-        pre = _train(pre_cfg, out / "slm-prefilled", "target SLM (prefilled store)")
+        pre = train(pre_cfg, out / "slm-prefilled", "target SLM (prefilled store)")
         pre["prefill"] = fill
 
     # 3. results

@@ -139,8 +139,15 @@ class Summary:
 
     def on_train_end(self, trainer, last):
         hist = trainer.state.extra.get("eval_history", [])
+        step, max_steps = trainer.state.step, trainer.cfg.train.max_steps
+        crashed = sys.exc_info()[0] is not None
+        stopped = trainer.stop_requested or (type(sys.exc_info()[1]).__name__ if crashed else None)
         summary: dict[str, Any] = {
-            "steps": trainer.state.step,
+            "steps": step,
+            "max_steps": max_steps,
+            # An interrupted run's numbers are not a result (issue 15): callers check this.
+            "complete": step >= max_steps and not crashed,
+            "stopped_by": None if step >= max_steps and not crashed else stopped,
             "tokens": trainer.state.tokens,
             "final_loss": last.get("loss"),
             "tokens_per_s_median": statistics.median(self.tps) if self.tps else None,
@@ -149,6 +156,7 @@ class Summary:
         }
         if hist:
             summary["first_eval"], summary["last_eval"] = hist[0], hist[-1]
+            summary["final_eval"] = hist[-1].get("step") == step
         trainer.state.extra["summary"] = summary
         if not trainer.world.is_main:
             return
@@ -162,10 +170,28 @@ class Summary:
             print(f"[plots] skipped: {e}", file=sys.stderr)
 
 
+def _stop_line(s: dict[str, Any]) -> str | None:
+    if s.get("complete", True):
+        return None
+    return (
+        f"stopped ({s.get('stopped_by') or 'interrupted'}) at step {s['steps']} of "
+        f"{s.get('max_steps', '?')}: continue with --resume auto"
+    )
+
+
 def format_summary(s: dict[str, Any]) -> str:
     lines = ["", f"== run summary: {s['steps']} steps, {s['tokens']:,} tokens =="]
+    stop = _stop_line(s)
+    if stop:
+        lines.append(stop)
     first, last = s.get("first_eval"), s.get("last_eval")
-    if first and last:
+    if first and last and not s.get("final_eval", True):
+        # A stopped run: the last evaluation is from an earlier step, never call it the end.
+        lines.append(
+            f"no final evaluation ran: the last one was at step {last.get('step')} "
+            f"(val_loss {last['val_loss']:.4f}); evaluate the checkpoint with `sigma-moe eval`"
+        )
+    elif first and last:
         lines.append(f"{'validation loss':<22}{'start':>10}{'end':>10}")
         for k in sorted(k for k in last if k.startswith("val_loss/")):
             lines.append(
@@ -186,6 +212,23 @@ def format_summary(s: dict[str, Any]) -> str:
         )
     lines.append(f"peak memory (RSS)       {s['peak_rss_gib']:.2f} GiB")
     return "\n".join(lines)
+
+
+class StageInterrupted(RuntimeError):
+    """A stage of a multi-stage command (demo, Rho-1 experiment) stopped before its last step
+    (Ctrl-C, SIGTERM): the command stops after it, and its numbers are not reported."""
+
+
+def require_complete(summary: dict[str, Any], stage: str, run_dir: Path, resume_hint: str) -> None:
+    """Raise StageInterrupted unless `summary` (run_training's) is of a finished run."""
+    if summary.get("complete", False):
+        return
+    raise StageInterrupted(
+        f"stage '{stage}' stopped ({summary.get('stopped_by') or 'interrupted'}) at step "
+        f"{summary.get('steps')} of {summary.get('max_steps')} with a checkpoint in "
+        f"{run_dir / 'checkpoints'}; the later stages did not run and no result was written "
+        f"(its numbers are incomplete); continue with: {resume_hint}"
+    )
 
 
 def default_callbacks(cfg, out_dir: Path, world, resume: str) -> list:

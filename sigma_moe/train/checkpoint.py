@@ -10,7 +10,7 @@ Layout of `<run>/checkpoints/`:
         config.yaml             the resolved run config
         meta.json               written last: step, consumed samples, tokenizer fingerprint,
                                 ep/world size, ZeRO stage, model shapes, code version and a
-                                manifest (every file with its size)
+                                manifest (every file's size and sha256, see integrity.py)
     latest                      name of the newest complete checkpoint
 
 What is saved where. DeepSpeed: weights, optimizer state (ZeRO partitions), its step counters.
@@ -36,8 +36,10 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
@@ -53,9 +55,16 @@ from sigma_moe.model.checkpoint_io import (  # the weight reader lives with the 
     load_full_state_dict,
     model_config_record,
 )
+from sigma_moe.train.integrity import (  # noqa: F401  (re-exported: reshape, rho1, tests)
+    META,
+    UNIVERSAL,
+    checkpoint_problem,
+    folder_manifest,
+    list_checkpoints,
+    nonfinite_parameter,
+    resolve_checkpoint,
+)
 
-META = "meta.json"
-UNIVERSAL = "universal_state.pt"  # layout-free state written by `sigma-moe convert-checkpoint`
 # SigmaMoEConfig fields that decide parameter shapes, with the config key a user changes.
 SHAPE_FIELDS = {
     "vocab_size": "data.tokenizer (vocabulary size)",
@@ -74,98 +83,17 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be written; the message names it and the one that survives."""
 
 
+class NonFiniteWeights(CheckpointError):
+    """The weights hold NaN/Inf: no checkpoint is written (it would be called good and resumed
+    from); the message names the parameter and the last checkpoint that survives."""
+
+
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _is_final_name(p: Path) -> bool:
-    n = p.name
-    return n.startswith("step_") and n[5:].isdigit()
-
-
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------- finding & checking
-
-
-def list_checkpoints(root: str | Path) -> list[Path]:
-    """Checkpoint folders with a final name (`step_<N>`, no temporary suffix), newest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and _is_final_name(p)]
-    return sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
-
-
-def _zip_ok(f: Path) -> bool:
-    """torch.save writes zip archives: a truncated one has no readable central directory."""
-    try:
-        with zipfile.ZipFile(f) as z:
-            z.infolist()
-        return True
-    except (zipfile.BadZipFile, OSError, EOFError):
-        return False
-
-
-def checkpoint_problem(ckpt: Path) -> str | None:
-    """Why `ckpt` cannot be resumed from (None = it looks complete). Cheap: reads meta.json,
-    compares every file of its manifest with the recorded size and checks each .pt archive's
-    directory; it does not load tensors."""
-    ckpt = Path(ckpt)
-    if not (ckpt / META).is_file():
-        return f"no {META} (the save did not finish)"
-    try:
-        meta = json.loads((ckpt / META).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        return f"{META} is unreadable ({e})"
-    files = meta.get("files")
-    if files is None:  # older checkpoints without a manifest: the files we know must exist
-        need = ["mp_rank_00_model_states.pt"] if meta.get("format") != "universal" else [UNIVERSAL]
-        files = {n: None for n in need}
-    for name, size in files.items():
-        f = ckpt / name
-        if not f.is_file():
-            return f"{name} is missing"
-        if size is not None and f.stat().st_size != size:
-            return f"{name} is {f.stat().st_size} bytes, {size} were written (truncated or damaged)"
-        if name.endswith(".pt") and not _zip_ok(f):
-            return f"{name} is not a readable torch archive (truncated or damaged)"
-    return None
-
-
-def resolve_checkpoint(path: str | Path, *, warn: bool = True) -> Path:
-    """A run's `checkpoints/` folder or run folder (→ its newest complete, undamaged checkpoint,
-    skipping damaged ones with a warning naming them), or one checkpoint folder (checked).
-    Raises FileNotFoundError naming the path."""
-    p = Path(path)
-    if (p / "checkpoints").is_dir() and not (p / META).exists():
-        p = p / "checkpoints"
-    if (p / META).is_file() or (_is_final_name(p) and p.is_dir()):
-        problem = checkpoint_problem(p)
-        if problem:
-            raise FileNotFoundError(f"checkpoint {p} cannot be loaded: {problem}")
-        return p
-    cands = list_checkpoints(p)
-    latest = p / "latest"
-    if not cands:
-        raise FileNotFoundError(
-            f"no checkpoint at {p}: expected a checkpoints/ folder holding step_* checkpoints "
-            f"or a checkpoint folder holding {META}"
-        )
-    for c in cands:
-        problem = checkpoint_problem(c)
-        if problem is None:
-            if warn and latest.is_file() and latest.read_text().strip() != c.name:
-                _log(
-                    f"[resume] warning: {latest} names {latest.read_text().strip()!r}, "
-                    f"using {c.name} (the newest complete checkpoint)"
-                )
-            return c
-        if warn:
-            _log(f"[resume] warning: skipping damaged checkpoint {c}: {problem}")
-    raise FileNotFoundError(f"no loadable checkpoint under {p}: every candidate is damaged")
 
 
 def read_meta(ckpt: Path) -> dict[str, Any]:
@@ -423,6 +351,9 @@ class Checkpointer:
         self.failed = False  # a save failed: do not try again at the end of the run
         self._signal: str | None = None
         self._pid0: int | None = None
+        # The handlers before this run's (restored at its end, so a Ctrl-C between the stages
+        # of a multi-stage command stops it at once instead of being swallowed).
+        self._prev_handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
 
     # ---------------------------------------------------------------- resume
 
@@ -440,23 +371,42 @@ class Checkpointer:
         processes a signal may reach the ranks at different moments; if one rank left the loop a
         step before the others, their collectives would no longer pair up. So a signal is only
         recorded here and the ranks agree at the end of every step (`on_step_end`); a single
-        process stops right away as the loop's own handler does."""
-        import signal
-        import threading
-
+        process stops right away as the loop's own handler does. A second signal stops at once
+        (KeyboardInterrupt, no checkpoint)."""
         if threading.current_thread() is not threading.main_thread():
             return
 
         def handler(signum, frame):
-            self._signal = signal.Signals(signum).name
+            name = signal.Signals(signum).name
+            if self._signal is not None:
+                self._restore_handlers()
+                raise KeyboardInterrupt(f"second {name}: stopped at once, without a checkpoint")
+            self._signal = name
+            if self.world.is_main:
+                _log(
+                    f"[checkpoint] {name}: stopping after this step with a checkpoint "
+                    "(send it again to stop at once)"
+                )
             if self.world.world_size == 1:
                 trainer.stop_requested = self._signal
 
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, handler)
 
+    def _restore_handlers(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for s, h in self._prev_handlers.items():
+                signal.signal(s, h if h is not None else signal.SIG_DFL)
+
     def on_resume(self, trainer):
         self._install_stop_handlers(trainer)
+        try:
+            self._resume(trainer)
+        except BaseException:
+            self._restore_handlers()  # on_train_end will not run
+            raise
+
+    def _resume(self, trainer) -> None:
         self._pid0 = _broadcast(os.getpid())
         self._clean_stale()
         _barrier()
@@ -591,11 +541,7 @@ class Checkpointer:
     # ---------------------------------------------------------------- save
 
     def _meta(self, trainer, path: Path) -> dict[str, Any]:
-        files = {
-            f.name: f.stat().st_size
-            for f in sorted(path.iterdir())
-            if f.is_file() and f.name != META
-        }
+        manifest = folder_manifest(path)
         return build_meta(
             trainer.state.step,
             trainer.state.consumed_samples,
@@ -609,7 +555,7 @@ class Checkpointer:
                 "data_identity": self._data_identity(),
                 "model_config": model_config_record(trainer.model),
                 "param_shapes": global_param_shapes(trainer.model, self.cfg.parallel.ep_size),
-                "files": files,
+                **manifest,
                 "optimizer_param_names": _optimizer_param_names(trainer),
             },
         )
@@ -622,6 +568,7 @@ class Checkpointer:
             self._pid0 = _broadcast(os.getpid())
         tmp_tag = f"{tag}.tmp-{self._pid0}"
         tmp, final = self.root / tmp_tag, self.root / tag
+        self._refuse_nonfinite(trainer, final)
         client = {"train_state": asdict(trainer.state)}
         err: BaseException | None = None
         try:
@@ -643,14 +590,7 @@ class Checkpointer:
             if self.world.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
             _barrier()
-            prev = self.root / "latest"
-            prev_name = prev.read_text().strip() if prev.is_file() else None
-            kept = (
-                f"the previous checkpoint {self.root / prev_name} is intact and 'latest' still "
-                "names it"
-                if prev_name
-                else "no earlier checkpoint exists"
-            )
+            kept = self._surviving()
             why = f"{err}" if err is not None else "another rank failed to write its part"
             hint = (
                 " (disk full: free space or point the run at another disk)"
@@ -663,6 +603,26 @@ class Checkpointer:
         _barrier()
         self.last_saved = step
         return final
+
+    def _surviving(self) -> str:
+        prev = self.root / "latest"
+        prev_name = prev.read_text().strip() if prev.is_file() else None
+        if prev_name:
+            return f"the previous checkpoint {self.root / prev_name} is intact and 'latest' still names it"
+        return "no earlier checkpoint exists"
+
+    def _refuse_nonfinite(self, trainer, final: Path) -> None:
+        """Never publish NaN/Inf weights as a checkpoint (every rank checks its own shard)."""
+        bad = nonfinite_parameter(trainer.model)
+        if not _agree_any(bad is not None):
+            return
+        self.failed = True  # no save at the end of the run either
+        raise NonFiniteWeights(
+            f"the weights at step {trainer.state.step} are not finite "
+            f"({bad or 'a parameter on another rank'} holds NaN/Inf), so {final.name} was not "
+            f"written; {self._surviving()} (resume from it with --resume auto after lowering "
+            "train.lr or checking the data)"
+        )
 
     def _publish(self, trainer, tmp: Path, final: Path, tag: str) -> None:
         from sigma_moe.config import save_config
@@ -707,6 +667,7 @@ class Checkpointer:
                 )
 
     def on_train_end(self, trainer, last):
+        self._restore_handlers()
         if self.failed or sys.exc_info()[0] is not None:
             return  # a failed save or a crash: never write a checkpoint of unknown state
         if trainer.state.step > 0 and self.last_saved != trainer.state.step:
@@ -732,13 +693,19 @@ class NanGuard:
         trainer.state.nan_skips += 1
         tr = self.cfg.train
         if tr.nan_policy == "stop" or trainer.state.nan_skips > tr.nan_max_skips:
-            path = self.ckpt.save(trainer)
             from sigma_moe.train.loop import TrainingStopped
 
-            raise TrainingStopped(
+            why = (
                 f"non-finite loss at step {m['step']} ({trainer.state.nan_skips} so far, "
-                f"train.nan_policy={tr.nan_policy}, train.nan_max_skips={tr.nan_max_skips}); "
-                f"the last good weights are saved in {path}"
+                f"train.nan_policy={tr.nan_policy}, train.nan_max_skips={tr.nan_max_skips})"
+            )
+            try:
+                path = self.ckpt.save(trainer)  # refuses weights that are not finite
+            except NonFiniteWeights as e:
+                raise TrainingStopped(f"{why}; {e}") from e
+            raise TrainingStopped(
+                f"{why}; the last good weights (all finite) are saved in {path} "
+                "(resume with --resume auto)"
             )
         if trainer.world.is_main:
             _log(

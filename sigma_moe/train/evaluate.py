@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -62,16 +64,53 @@ def evaluate_checkpoint(ckpt: str | Path, json_path: str | None = None, set_over
     return res
 
 
-def generate_text(
+# No KV cache: every new token is one forward over up to max_seq_len tokens, so a million
+# tokens would run for hours on CPU with nothing to show; 4096 is ~3 min for demo-cpu here.
+MAX_NEW_TOKENS = 4096
+
+
+def check_generate_args(prompt: str, max_new_tokens: int, temperature: float) -> None:
+    """Refuse what would crash deep in torch or silently do something else (issue 15)."""
+    if not prompt:
+        raise ValueError("--prompt is empty: give some text for the model to continue")
+    if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise ValueError(f"--max-new-tokens must be in [1, {MAX_NEW_TOKENS}], got {max_new_tokens}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(
+            f"--temperature must be a finite number >= 0 (0 = greedy), got {temperature}"
+        )
+
+
+def stream_text(
     ckpt: str | Path, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8, seed: int = 0
-) -> str:
+) -> Iterator[str]:
+    """The prompt, then the generated text piece by piece as tokens come (a piece is held back
+    while it ends inside a multi-byte character). Stops at EOD or after `max_new_tokens`."""
     from sigma_moe.config import config_from_dict
     from sigma_moe.data.tokenizer import load_tokenizer
     from sigma_moe.train.checkpoint import load_model_for_inference
 
+    check_generate_args(prompt, max_new_tokens, temperature)
     torch.manual_seed(seed)
     model, cfg_dict, _ = load_model_for_inference(ckpt)
     tok = load_tokenizer(config_from_dict(cfg_dict).data.tokenizer)
     ids = torch.tensor([tok.encode(prompt)], dtype=torch.long)
-    out = model.generate(ids, max_new_tokens, temperature=temperature, eod=tok.eod)
-    return tok.decode(out[0].tolist())
+    emitted = tok.decode(ids[0].tolist())
+    yield emitted
+    for _ in range(max_new_tokens):
+        ids = model.generate(ids, 1, temperature=max(temperature, 1e-5), eod=tok.eod)
+        text = tok.decode(ids[0].tolist())
+        if text.startswith(emitted) and not text.endswith("\ufffd"):
+            yield text[len(emitted) :]
+            emitted = text
+        if int(ids[0, -1]) == tok.eod:
+            break
+    text = tok.decode(ids[0].tolist())
+    if text != emitted:
+        yield text[len(emitted) :] if text.startswith(emitted) else "\n" + text
+
+
+def generate_text(
+    ckpt: str | Path, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8, seed: int = 0
+) -> str:
+    return "".join(stream_text(ckpt, prompt, max_new_tokens, temperature, seed))

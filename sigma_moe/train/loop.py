@@ -9,6 +9,7 @@ loss and gradient (Megatron's per-token loss; tests/train and tests/parallel che
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -33,6 +34,7 @@ from sigma_moe.train.engine import (
     measure_peak_flops,
     topk_for_step,
 )
+from sigma_moe.train.runlock import RunLock, check_run_folder
 
 
 class TrainingStopped(RuntimeError):
@@ -373,7 +375,17 @@ def run_training(
 ) -> dict[str, Any]:
     """Train `cfg` into `out_dir` (config.yaml, metrics.jsonl, checkpoints/, wandb/, plots/).
     `resume`: "none", "auto" (newest complete checkpoint in out_dir/checkpoints, if any) or a
-    checkpoint path. Returns the summary dict (also written to out_dir/summary.json)."""
+    checkpoint path. Returns the summary dict (also written to out_dir/summary.json).
+    The folder is owned by this run while it trains (`sigma_moe.train.runlock`; rank 0 holds
+    the lock): a second run into it is refused with the holder's pid."""
+    out_dir = Path(out_dir)
+    check_run_folder(out_dir)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    with RunLock(out_dir) if rank0 else contextlib.nullcontext():
+        return _run_training(cfg, out_dir, resume, extra_callbacks)
+
+
+def _run_training(cfg: RunConfig, out_dir: Path, resume: str, extra_callbacks) -> dict[str, Any]:
     import deepspeed
 
     from sigma_moe.data.dataset import build_train_dataset, build_val_datasets

@@ -48,6 +48,7 @@ from sigma_moe.train.checkpoint import (
     _fsync_dir,
     _log,
     checkpoint_problem,
+    folder_manifest,
     is_expert_param,
     load_full_state_dict,
     read_meta,
@@ -303,7 +304,7 @@ def convert(src_path: str | Path, out: str | Path, ep_size: int, force: bool = F
             "ep_size": meta.get("ep_size"),
             "world_size": meta.get("world_size"),
         },
-        files={f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file()},
+        **folder_manifest(tmp),  # sizes and sha256 of the new files
     )
     (tmp / META).write_text(json.dumps(new_meta, indent=1))
     _fsync_dir(tmp)
