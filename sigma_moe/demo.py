@@ -49,7 +49,9 @@ def run_demo(out: Path, steps: int | None = None, rho1: bool = True, resume: str
     if rho1:
         from sigma_moe.rho1.experiment import run_rho1_experiment
 
-        result["rho1"] = run_rho1_experiment(out / "rho1", steps=steps)
+        result["rho1"] = run_rho1_experiment(
+            out / "rho1", steps=steps, resume=resume, resume_hint=hint
+        )
     from sigma_moe.train.report import write_report
 
     report = write_report(out / "moe")
