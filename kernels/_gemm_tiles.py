@@ -43,6 +43,11 @@ if HAS_TRITON and _INTERPRETED:
     )
     _CONFIGS = {(r, w): [_INTERP_CFG[r]] for r in _ROLES for w in ("bf16", "fp32")}
 elif HAS_TRITON:
+    _WGRAD_BF16 = [
+        _cfg(4, 3, BLOCK_K=64, BLOCK_N=128, BLOCK_R=64),
+        _cfg(8, 3, BLOCK_K=128, BLOCK_N=128, BLOCK_R=64),
+        _cfg(8, 4, BLOCK_K=128, BLOCK_N=128, BLOCK_R=32),
+    ]
     _CONFIGS = {
         ("gate_up", "bf16"): [
             _cfg(4, 3, BLOCK_N=64, BLOCK_K=64),
@@ -64,16 +69,10 @@ elif HAS_TRITON:
             _cfg(8, 3, BLOCK_N=128, BLOCK_K=64),
             _cfg(4, 3, BLOCK_N=64, BLOCK_K=32),
         ],
-        ("dW2", "bf16"): [
-            _cfg(4, 3, BLOCK_K=64, BLOCK_N=128, BLOCK_R=64),
-            _cfg(8, 3, BLOCK_K=128, BLOCK_N=128, BLOCK_R=64),
-            _cfg(8, 4, BLOCK_K=128, BLOCK_N=128, BLOCK_R=32),
-        ],
-        ("dW1", "bf16"): [
-            _cfg(4, 3, BLOCK_K=64, BLOCK_N=128, BLOCK_R=64),
-            _cfg(8, 3, BLOCK_K=128, BLOCK_N=128, BLOCK_R=64),
-            _cfg(8, 4, BLOCK_K=128, BLOCK_N=128, BLOCK_R=32),
-        ],
+        # weight grads: 64x128 / 128x128 tiles of dW (dot M >= 64: wgmma; the 64x64x32 tiles
+        # before compiled to mma.sync and launched ~110k programs at the Tiny shape)
+        ("dW2", "bf16"): _WGRAD_BF16,
+        ("dW1", "bf16"): _WGRAD_BF16,
         ("gate_up", "fp32"): [
             _cfg(8, 3, BLOCK_N=64, BLOCK_K=32),
             _cfg(4, 3, BLOCK_N=32, BLOCK_K=32),
