@@ -84,6 +84,13 @@ class ModelSection:
     num_shared_experts: int = 0
     capacity_factor: float | None = None
     kernel_backend: Literal["auto", "torch", "triton", "interpret"] = "auto"
+    # Preset overrides a model imported from transformers may need (`sigma-moe import-hf` writes
+    # them into its config.yaml); null keeps the preset's value.
+    tie_embeddings: bool | None = None
+    rope_theta: float | None = None
+    rms_eps: float | None = None
+    # Embedding rows; null: the tokenizer's vocabulary rounded up to a multiple of 64.
+    vocab_size: int | None = None
 
     def validate(self, key: str = "model") -> None:
         from sigma_moe.model.config import PRESETS, SigmaMoEConfig
@@ -128,6 +135,9 @@ class ModelSection:
             f"{key}.capacity_factor",
             f"must be > 0 or null (dropless), got {self.capacity_factor}",
         )
+        for name in ("rope_theta", "rms_eps", "vocab_size"):
+            v = getattr(self, name)
+            _check(v is None or v > 0, f"{key}.{name}", f"must be > 0 or null, got {v}")
         # Bounds the model would only check at its first step (after start-up, issue 15).
         preset = PRESETS[self.preset]
         n_layers = self.num_layers or preset.get("num_layers", SigmaMoEConfig.num_layers)

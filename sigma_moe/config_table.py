@@ -41,6 +41,8 @@ DOC = {
     "model.capacity_factor": "null = dropless; else tokens beyond ceil(cf·T·k/E) per expert drop",
     "model.kernel_backend": "MoE kernels: triton on CUDA, torch on CPU (`auto`), or forced",
     "model.router_topk": "experts per token: one int, or one per layer",
+    "model.rope_theta": "RoPE base (null: the preset's, 10000)",
+    "model.rms_eps": "RMSNorm epsilon (null: the preset's, 1e-6)",
     "model.topk_schedule": "progressive sparsification: `[{until_step, layers, topk}]`",
     "model.topk_schedule[].until_step": "the phase ends before this step",
     "model.topk_schedule[].layers": "layer indices the phase applies to",

@@ -217,6 +217,10 @@ def export_hf(ckpt: str | Path, out_dir: str | Path, dtype: str = "fp32") -> Pat
     PreTrainedTokenizerFast(
         tokenizer_file=str(tok.path), eos_token=EOD_TOKEN, pad_token=EOD_TOKEN
     ).save_pretrained(out)
+    # save_pretrained re-serialises tokenizer.json (same vocabulary, other bytes, so another
+    # fingerprint): put ours back so that the export is accepted wherever our tokenizer is
+    # checked (a Rho-1 `rho1.reference`, datasets prepared with it).
+    shutil.copyfile(tok.path, out / "tokenizer.json")
     return out
 
 
@@ -279,6 +283,8 @@ def _run_config(cfg: SigmaMoEConfig, tokenizer: Path) -> dict[str, Any]:
     model = {"preset": "demo-cpu", **{f: getattr(cfg, f) for f in fields}}
     model["router_topk"] = cfg.router_topk[0]
     model["lb_coeff"] = cfg.lb_coeff
+    for f in ("tie_embeddings", "rope_theta", "rms_eps", "vocab_size"):  # not in every preset
+        model[f] = getattr(cfg, f)
     return {"model": model, "data": {"tokenizer": str(tokenizer.resolve())}}
 
 

@@ -81,6 +81,9 @@ def build_model_config(cfg: RunConfig, vocab_size: int) -> SigmaMoEConfig:
         num_experts=m.num_experts,
         moe_ffn_size=m.moe_ffn_size,
         router_topk=m.router_topk,
+        tie_embeddings=m.tie_embeddings,
+        rope_theta=m.rope_theta,
+        rms_eps=m.rms_eps,
     )
     from sigma_moe.model.config import PRESETS
 
@@ -97,6 +100,13 @@ def build_model_config(cfg: RunConfig, vocab_size: int) -> SigmaMoEConfig:
             )
     # The model's vocabulary follows the tokenizer, padded to a multiple of 64 for GEMM shapes.
     padded_vocab = int(math.ceil(vocab_size / 64) * 64)
+    if m.vocab_size is not None:  # e.g. an imported model whose embedding has spare rows
+        if m.vocab_size < vocab_size:
+            raise ValueError(
+                f"config key 'model.vocab_size': {m.vocab_size} rows for a tokenizer of "
+                f"{vocab_size} tokens"
+            )
+        padded_vocab = m.vocab_size
     try:
         return SigmaMoEConfig.preset(
             m.preset,

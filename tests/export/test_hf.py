@@ -69,7 +69,8 @@ def _check_parity(ours, hf_dir: Path) -> dict[str, float]:
     assert type(hf).__name__ == "Qwen3MoeForCausalLM"
     hf_tok, our_tok = AutoTokenizer.from_pretrained(hf_dir), load_tokenizer("bundled")
     text_ids = our_tok.encode(TEXT)
-    assert hf_tok.encode(TEXT) == text_ids  # the exported tokenizer is ours
+    assert hf_tok.encode(TEXT) == text_ids  # the exported tokenizer is ours,
+    assert load_tokenizer(hf_dir).fingerprint == our_tok.fingerprint  # byte for byte
     g = torch.Generator().manual_seed(0)
     inputs = {
         "random": torch.randint(0, our_tok.vocab_size, (2, 48), generator=g),
@@ -144,6 +145,68 @@ def test_bf16_export(ep1, tmp_path):
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
 
 
+def test_import_a_transformers_born_model(tmp_path):
+    """A Qwen3-MoE made by transformers itself (tied embeddings, rope_theta 1e6, spare
+    embedding rows, top-2): imported, our model gives its logits, and the config.yaml the
+    import writes rebuilds exactly that model for training."""
+    from transformers import PreTrainedTokenizerFast, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from sigma_moe.config import load_config
+    from sigma_moe.data.tokenizer import BUNDLED_TOKENIZER_PATH, EOD_TOKEN
+    from sigma_moe.model.checkpoint_io import read_model_checkpoint
+    from sigma_moe.train.engine import build_model_config
+
+    torch.manual_seed(0)
+    c = Qwen3MoeConfig(
+        vocab_size=8256, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, moe_intermediate_size=32,
+        num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1.0e6}, max_position_embeddings=256,
+    )  # fmt: skip
+    hf_dir = tmp_path / "qwen"
+    hf = Qwen3MoeForCausalLM(c).eval()
+    hf.save_pretrained(hf_dir)
+    PreTrainedTokenizerFast(
+        tokenizer_file=str(BUNDLED_TOKENIZER_PATH), eos_token=EOD_TOKEN
+    ).save_pretrained(hf_dir)
+    out = import_hf(hf_dir, tmp_path / "ours")
+    ours = _ours(out)
+    assert ours.config.tie_embeddings and ours.config.rope_theta == 1.0e6
+    assert ours.config.router_topk == [2, 2] and ours.config.vocab_size == 8256
+    ids = torch.randint(0, 8192, (2, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = hf(input_ids=ids).logits
+        d = float((ours(ids).logits - want).abs().max())
+    print(
+        f"import parity (fp32, transformers-born, top-2): max |dlogit| = {d:.3g} "
+        f"(logits up to {float(want.abs().max()):.3g})"
+    )
+    assert float(want.abs().max()) > 1e-2
+    assert d < LOGIT_TOL, d
+    train_cfg = build_model_config(load_config(out / "config.yaml"), 8192)
+    rec, _, _ = read_model_checkpoint(out)
+    for f in ("vocab_size", "tie_embeddings", "rope_theta", "rms_eps", "num_experts", "head_dim"):
+        assert getattr(train_cfg, f) == getattr(rec, f), f
+
+
+def test_continue_pretraining_an_import(ep1, tmp_path):
+    """`sigma-moe train OUT/config.yaml --resume OUT` on an imported checkpoint starts from its
+    weights: the evaluation before the first step equals the source run's final one."""
+    from _ckpt_util import evals, train_in_process
+
+    from sigma_moe.config import load_config
+
+    imported = import_hf(ep1[1], tmp_path / "imported")
+    sets = [*BASE_SETS, "data.seq_len=64", "train.max_steps=2", "train.eval_every=2"]
+    cfg = load_config(imported / "config.yaml", sets)
+    run = tmp_path / "run"
+    train_in_process(cfg, run, resume=str(imported))
+    got, want = evals(run), evals(baseline_run())
+    assert sorted(got) == [0, 2]
+    assert abs(got[0] - want[7]) < 1e-5, (got, want)
+    assert got[2] < got[0]
+
+
 # --------------------------------------------------------------------------- EP=2
 
 
@@ -157,8 +220,8 @@ def _free_port() -> int:
 def test_export_from_ep2_checkpoint(ep1, tmp_path):
     """One EP=2 run on 2 gloo processes resumes the EP=1 run at step 6 and trains step 7: its
     checkpoint holds each rank's half of the experts. The export gathers all of them, in
-    order: every tensor matches the EP=1 run's step-7 export (the one step differs only by
-    the reduction order over 2 processes), and transformers reproduces our logits."""
+    order (bitwise equal to the rank files), transformers reproduces our logits, and every
+    tensor is within a fraction of one Adam step of the EP=1 run's step-7 export."""
     run = tmp_path / "ep2"
     base = baseline_run()
     sets = [a for s in BASE_SETS + ["parallel.ep_size=2"] for a in ("--set", s)]
@@ -175,14 +238,29 @@ def test_export_from_ep2_checkpoint(ep1, tmp_path):
     _check_parity(_ours(ckpt), out)
     from safetensors.torch import load_file
 
-    a, b = load_file(ep1[1] / "model.safetensors"), load_file(out / "model.safetensors")
+    b = load_file(out / "model.safetensors")
+    # 1. Bitwise against the rank files read here: rank r holds experts [4r, 4r + 4).
+    for layer in range(2):
+        parts = []
+        for r in range(2):
+            f = ckpt / f"layer_{layer}_expert_{r}_mp_rank_00_model_states.pt"
+            sd = torch.load(f, map_location="cpu", weights_only=False)
+            (w,) = [v for k, v in sd.items() if k.endswith("w_down_EFD")]
+            parts.append(w)
+        w_down = torch.cat(parts)  # [E, F, D]
+        for e in range(8):
+            got = b[f"model.layers.{layer}.mlp.experts.{e}.down_proj.weight"]
+            assert torch.equal(got, w_down[e].T), (layer, e)
+    # 2. Against the EP=1 run's step-7 export. The one step taken on 2 processes differs only
+    # in the reduction order, but Adam divides by sqrt(v): for near-zero gradients that order
+    # moves a weight by a fraction of one step (lr 3e-3). Distinct experts differ by ~0.05.
+    a = load_file(ep1[1] / "model.safetensors")
     assert sorted(a) == sorted(b)
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
-    # Expert e of EP rank 1 must land at index 4 + e: distinct experts differ by ~0.05.
     e0 = "model.layers.0.mlp.experts.{}.down_proj.weight"
     assert float((a[e0.format(5)] - b[e0.format(4)]).abs().max()) > 1e-2
     print(f"EP=2 vs EP=1 export: max |Δweight| = {worst:.3g}")
-    assert worst < 1e-5, worst
+    assert worst < 1e-3, worst
 
 
 # --------------------------------------------------------------------------- refusals
