@@ -149,10 +149,11 @@ def run_mixing_experiment(
     online = {a: s0 / a for a in arms if a.startswith("online-")}
     if online:
         plot_weights(online, out / "plots" / "mix_weights.png")
-    pair = [a for a in ("natural", "online-doremi" if "online-doremi" in arms else arms[-1])]
-    plot_heatmaps(
-        *[(a, s0 / a) for a in pair], out / "plots" / f"expert_load_{'_vs_'.join(pair)}.png"
-    )
+    # the heatmaps of the static default next to the most moved mixture that ran
+    pair = [a for a in ("natural", "online-doremi", "regmix", "uniform") if a in arms][:2]
+    if len(pair) == 2:
+        name = f"expert_load_{pair[0]}_vs_{pair[1]}.png"
+        plot_heatmaps((pair[0], s0 / pair[0]), (pair[1], s0 / pair[1]), out / "plots" / name)
     print(format_table(results))
     return results
 
