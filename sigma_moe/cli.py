@@ -13,7 +13,7 @@ import sigma_moe
 
 def _train(args: argparse.Namespace) -> int:
     from sigma_moe.config import load_config
-    from sigma_moe.train.loop import run_training
+    from sigma_moe.mixing.run import run_training  # data.mixing.kind picks the sampler
 
     cfg = load_config(args.config, args.set)
     out = Path(args.out or Path("runs") / Path(args.config).stem)
@@ -113,6 +113,11 @@ PASSTHROUGH = {
         "train a byte-level BPE tokenizer",
     ),
     "score": ("sigma_moe.rho1.scorer", "main", "Rho-1 scorer: prefill a reference-loss store"),
+    "mix-search": (
+        "sigma_moe.mixing.regmix",
+        "main",
+        "RegMix pilot search: proxies on random mixtures → proposed data.domains weights",
+    ),
     "convert-checkpoint": (
         "sigma_moe.train.reshape",
         "main",

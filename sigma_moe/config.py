@@ -162,19 +162,46 @@ class DomainConfig:
 
     def validate(self, key: str) -> None:
         _check(bool(self.name), f"{key}.name", "must be a non-empty string")
-        _check(self.weight >= 0, f"{key}.weight", f"must be >= 0, got {self.weight}")
+        _check(
+            math.isfinite(self.weight) and self.weight >= 0,
+            f"{key}.weight",
+            f"must be a finite number >= 0, got {self.weight}",
+        )
 
 
 @dataclass
 class MixingConfig:
-    kind: Literal["static", "online-doremi", "online-bandit"] = "static"
+    """How domains are sampled (sigma_moe/mixing): the static blend of the domain weights, or an
+    online mixer that starts from them and re-weights every `update_every` steps."""
 
-    def validate(self, key: str) -> None:
-        # Online mixing is designed-for (DESIGN.md) but not built yet: refuse rather than ignore.
+    kind: Literal["static", "online-doremi", "online-bandit"] = "static"
+    update_every: int = 10
+    floor: float = 0.01  # every online weight stays >= floor (floor × domains <= 1)
+    doremi_lr: float = 1.0  # DoReMi's step size η
+    doremi_smoothing: float = 1.0e-3  # DoReMi's mixing with the uniform distribution, c
+    bandit_reward: Literal["loss", "loss_decrease"] = "loss"
+    bandit_alpha: float = 0.9  # Online Data Mixing's moving average of the rewards
+
+    def validate(self, key: str, num_domains: int = 1) -> None:
         _check(
-            self.kind == "static",
-            f"{key}.kind",
-            f"{self.kind!r} is not implemented yet; use 'static'",
+            self.update_every >= 1, f"{key}.update_every", f"must be >= 1, got {self.update_every}"
+        )
+        _check(
+            math.isfinite(self.floor) and 0 <= self.floor * num_domains <= 1,
+            f"{key}.floor",
+            f"{self.floor} × {num_domains} domains must be in [0, 1] (the weights would be "
+            "infeasible)",
+        )
+        _check(self.doremi_lr > 0, f"{key}.doremi_lr", f"must be > 0, got {self.doremi_lr}")
+        _check(
+            0 <= self.doremi_smoothing <= 1,
+            f"{key}.doremi_smoothing",
+            f"must be in [0, 1], got {self.doremi_smoothing}",
+        )
+        _check(
+            0 <= self.bandit_alpha < 1,
+            f"{key}.bandit_alpha",
+            f"must be in [0, 1), got {self.bandit_alpha}",
         )
 
 
@@ -206,7 +233,7 @@ class DataConfig:
         for i, d in enumerate(self.domains):
             d.validate(f"{key}.domains[{i}]")
         _check(sum(d.weight for d in self.domains) > 0, f"{key}.domains", "weights sum to 0")
-        self.mixing.validate(f"{key}.mixing")
+        self.mixing.validate(f"{key}.mixing", len(self.domains))
         _check(self.val_samples_per_domain >= 1, f"{key}.val_samples_per_domain", "must be >= 1")
 
 
@@ -350,7 +377,28 @@ class RunConfig:
     def validate(self) -> RunConfig:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate(f.name)
+        self._check_mixing()
         return self
+
+    def _check_mixing(self) -> None:
+        """Cross-section checks of data.mixing (the reference lives in rho1)."""
+        kind = self.data.mixing.kind
+        if kind == "online-doremi":
+            _check(
+                self.rho1.reference is not None,
+                "rho1.reference",
+                "data.mixing.kind=online-doremi needs a reference model (its per-token losses "
+                "give the excess loss); set rho1.reference to a checkpoint folder",
+            )
+        if kind != "static" and self.rho1.mode != "none":
+            # The side process scores ahead in the static blend's global order, which an online
+            # mixer does not have (see docs/mixing.md).
+            _check(
+                self.rho1.scorer == "inline",
+                "rho1.scorer",
+                f"{self.rho1.scorer!r} cannot serve data.mixing.kind={kind!r} (it scores ahead "
+                "in the static blend order); use rho1.scorer=inline",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

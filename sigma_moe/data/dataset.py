@@ -311,6 +311,19 @@ def build_train_dataset(
     )
 
 
+def domain_token_counts(
+    domains: Sequence[Any],
+    tokenizer: Tokenizer | str = "bundled",
+    cache_dir: str | os.PathLike | None = None,
+) -> list[int]:
+    """Training tokens of each domain's prefix: the natural mixture is their share."""
+    tok = load_tokenizer(tokenizer)
+    return [
+        int(check_prefix(_resolve_prefix(d, cache_dir=cache_dir), tok)["num_tokens"])
+        for d in domains
+    ]
+
+
 def build_domain_streams(
     domains: Sequence[Any],
     seq_len: int,

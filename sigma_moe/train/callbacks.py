@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sigma_moe.train.checkpoint import Checkpointer, NanGuard
+from sigma_moe.train.domain_stats import ExpertLoadByDomain
 
 
 def _log(trainer, metrics: dict[str, Any]) -> None:
@@ -233,8 +234,9 @@ def require_complete(summary: dict[str, Any], stage: str, run_dir: Path, resume_
 
 def default_callbacks(cfg, out_dir: Path, world, resume: str) -> list:
     ck = Checkpointer(cfg, out_dir, world, resume)
-    # Order matters on step end: evaluate first, so a checkpoint carries that step's eval.
-    cbs: list = [Evaluator(), NanGuard(cfg, ck), ck]
+    # Order matters on step end: evaluate first, so a checkpoint carries that step's eval (and
+    # the domain × expert counts up to that step).
+    cbs: list = [Evaluator(), ExpertLoadByDomain(out_dir), NanGuard(cfg, ck), ck]
     if cfg.rho1.mode != "none":
         from sigma_moe.rho1.callback import Rho1Callback
 
