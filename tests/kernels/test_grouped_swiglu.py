@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -182,10 +184,22 @@ def test_triton_path_checks_counts(backend, device):
     x = torch.randn(10, 48, device=device)
     ws = [w.detach() for w in _weights(2, 48, 40, torch.float32, device, gen)]
     # counts that do not sum to N would make the kernels write out of bounds: an async device
-    # assert (raised at the next sync on CUDA, at once on CPU)
-    with pytest.raises(RuntimeError, match="sum to x_sorted_ND"):
-        K.grouped_swiglu(x, torch.tensor([4, 7], device=device), *ws, backend=backend)
-        torch.cuda.synchronize() if device.type == "cuda" else None
+    # assert (raised at once on CPU; on CUDA at the next sync, and it poisons the CUDA context,
+    # so there it runs in a child process)
+    if device.type == "cuda":
+        code = (
+            "import torch, sigma_moe_kernels as K\n"
+            "x = torch.randn(10, 48, device='cuda')\n"
+            "ws = [torch.randn(2, 48, 40, device='cuda'), torch.randn(2, 48, 40, device='cuda'),"
+            " torch.randn(2, 40, 48, device='cuda')]\n"
+            "K.grouped_swiglu(x, torch.tensor([4, 7], device='cuda'), *ws, backend='triton')\n"
+            "torch.cuda.synchronize()\n"
+        )
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert p.returncode != 0 and "assert" in p.stderr.lower(), p.stderr[-2000:]
+    else:
+        with pytest.raises(RuntimeError, match="sum to x_sorted_ND"):
+            K.grouped_swiglu(x, torch.tensor([4, 7], device=device), *ws, backend=backend)
     # counts on another device (e.g. CPU counts for CUDA rows): the launcher refuses them (called
     # directly: a meta tensor through the public op would dispatch to the fake kernel)
     gs = importlib.import_module("sigma_moe_kernels.grouped_swiglu")
