@@ -7,6 +7,8 @@ backend) so the tuning tables can change without touching kernel code; the `sm90
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ._backend import HAS_TRITON, triton_is_interpreted
@@ -89,6 +91,17 @@ elif HAS_TRITON:
             _cfg(8, 3, BLOCK_K=64, BLOCK_N=64, BLOCK_R=32),
         ],
     }
+
+else:
+    _CONFIGS = {}
+
+# SIGMA_MOE_AUTOTUNE=0 (read at import): launch the first config of each set, no autotuning.
+# For correctness runs such as the `gpu` test tier in scripts/gpu_check.sh, where every new
+# (shape, dtype) would otherwise compile and time every config of every role.
+if os.environ.get("SIGMA_MOE_AUTOTUNE", "1") == "0":
+    _LAUNCH_CONFIGS = {key: cfgs[:1] for key, cfgs in _CONFIGS.items()}
+else:
+    _LAUNCH_CONFIGS = _CONFIGS
 
 _ROLE_KERNEL = {"gate_up": "_gate_up_fwd_kernel", "down": "_gmm_kernel", "dA": "_gmm_kernel"}
 _ROLE_KERNEL.update(dX="_gmm_kernel", dW2="_gmm_wgrad_kernel", dW1="_gmm_wgrad_kernel")

@@ -30,7 +30,7 @@ from torch import Tensor
 from ._backend import HAS_TRITON, check_tile, resolve_backend
 
 # tile configs per GEMM role (BLOCK_M, the autotune sets) and the fp32 dot precision
-from ._gemm_tiles import _BLOCK_M, _CONFIGS, _ROLE_KERNEL, check_precision, resolve_precision
+from ._gemm_tiles import _BLOCK_M, _LAUNCH_CONFIGS, _ROLE_KERNEL, check_precision, resolve_precision
 
 
 if HAS_TRITON:
@@ -598,7 +598,7 @@ if HAS_TRITON:
         (r, w): triton.autotune(cfgs, key=["D", "Fdim"] if r == "gate_up" else ["K", "M"])(
             globals()[_ROLE_KERNEL[r]]
         )
-        for (r, w), cfgs in _CONFIGS.items()
+        for (r, w), cfgs in _LAUNCH_CONFIGS.items()
     }
 
 

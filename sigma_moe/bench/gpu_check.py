@@ -142,7 +142,7 @@ def _memory_ops(c: dict) -> dict:
             lambda: tr_mod._topk_route_bwd_op(gw, gps, probs, ex, w, False, be),
             T * E * 8 + T * k * 16,
         ),
-        "permute fwd (gather)": (lambda: pm_mod._permute_fwd_op(c["x0"], ex, be), 4 * N * D),
+        "permute fwd (gather)": (lambda: pm_mod._gather_rows_triton(c["x0"], c["src"]), 4 * N * D),
         "unpermute fwd (combine)": (
             lambda: pm_mod._combine_op(ys, rm, wts, T, k, be),
             2 * (N + T) * D,
@@ -207,11 +207,16 @@ def _case(shape, k, skewed, be, device, reps, bw, tflops):
     c.update(xs=xs.detach().requires_grad_(), ys=torch.randn(T * k, D, generator=gen).to(**bf))
     c.update(gw=torch.randn(T, k, generator=gen).to(device), gps=torch.randn(E).to(device))
     c.update(g_TD=torch.randn(T, D, generator=gen).to(**bf))
+    order = pm_mod._sort_order(ex)
+    c.update(src=order if k == 1 else torch.div(order, k, rounding_mode="floor"))
     rows = []
     for name, (fn, nbytes) in _memory_ops(c).items():
         us = _time_us(fn, device, reps)
         gbs = nbytes / us / 1e3
         rows.append(_row(name, us, gbs=gbs, frac=gbs / bw, target=TARGET_BW))
+    # the whole permute forward: torch's stable argsort of the N expert ids + the gather
+    us = _time_us(lambda: pm_mod._permute_fwd_op(x.detach(), ex, be), device, reps)
+    rows.append(_row("permute fwd (argsort + gather)", us, gbs=4 * T * k * D / us / 1e3))
     rows += _experts_rows(c, reps, tflops)
     inputs = [x, *ws]
     ours = _fwd_bwd(lambda: _layer(x, logits, ws, k, be), inputs)

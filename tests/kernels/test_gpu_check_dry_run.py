@@ -16,6 +16,7 @@ OPS = {
     "router fwd",
     "router bwd",
     "permute fwd (gather)",
+    "permute fwd (argsort + gather)",
     "unpermute fwd (combine)",
     "permute bwd (combine)",
     "unpermute bwd",
