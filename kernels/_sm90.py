@@ -110,13 +110,14 @@ def _permute_specs(full: bool) -> list[Spec]:
                 lab = f"N={T * k} {BR}x{BD}"
                 out.append(Spec("permute", "_gather_rows_kernel", dt, lab, ptrs, const))
             BT, BD = pm._row_blocks(T * k, D, cuda=True)
-            ptrs = dict(y_ptr=p, rm_ptr="*i64", w_ptr="*fp32", out_ptr=p)
+            # weights in the activation dtype, as the MoE layer passes them (weights_TK.to(x.dtype))
+            ptrs = dict(y_ptr=p, rm_ptr="*i64", w_ptr=p, out_ptr=p)
             for has_w in (True, False):
                 const = dict(K=k, HAS_W=has_w, BLOCK_T=BT, BLOCK_D=BD)
                 lab = f"k={k} weights={has_w} {BT}x{BD}"
                 out.append(Spec("permute", "_combine_kernel", dt, lab, ptrs, const))
             BT, BD = pm._row_blocks(T, D, cuda=True, **pm._UNPERMUTE_BWD_GPU)
-            ptrs = dict(g_ptr=p, y_ptr=p, rm_ptr="*i64", w_ptr="*fp32", gy_ptr=p, gw_ptr="*fp32")
+            ptrs = dict(g_ptr=p, y_ptr=p, rm_ptr="*i64", w_ptr=p, gy_ptr=p, gw_ptr="*fp32")
             const = dict(K=k, BLOCK_T=BT, BLOCK_D=BD)
             out.append(
                 Spec("permute", "_unpermute_bwd_kernel", dt, f"k={k} {BT}x{BD}", ptrs, const)
