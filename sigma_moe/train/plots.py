@@ -136,6 +136,30 @@ def plot_expert_load(rows, out: Path) -> Path | None:
     return _save(fig, out / "expert_load.png")
 
 
+def plot_balance(rows, out: Path) -> Path | None:
+    """Per layer over time: coefficient of variation of the tokens per expert, entropy of the
+    load / log E (1 = even) and the share of experts that got no token (the balance telemetry
+    of every logged step)."""
+    panels = [
+        ("expert_load_cv", "load CV (std / mean)"),
+        ("expert_load_entropy", "load entropy / log E"),
+        ("expert_idle_frac", "share of idle experts"),
+        ("router_entropy", "router entropy / log E"),
+    ]
+    panels = [(k, t) for k, t in panels if _keys(rows, k)]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
+    for ax, (prefix, title) in zip(axes[0], panels):
+        for i, k in enumerate(_keys(rows, prefix)):
+            xs, ys = _series(rows, k)
+            ax.plot(xs, ys, ls=_STYLES[i % 4], lw=1.2, label=f"layer {k.split('/', 1)[1]}")
+        ax.set(xlabel="step", title=title)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    return _save(fig, out / "balance.png")
+
+
 def plot_dropped(rows, out: Path) -> Path | None:
     xs, ys = _series(rows, "dropped_tokens")
     if not xs or not any(ys):  # dropless runs record 0 every step: nothing to draw
@@ -260,6 +284,7 @@ PLOTS: list[tuple[str, str, Callable]] = [
     ("throughput", "Tokens/s and MFU", plot_throughput),
     ("grad_norm", "Gradient norm", plot_grad_norm),
     ("expert_load", "Expert load per layer over time", plot_expert_load),
+    ("balance", "Expert balance per layer: CV, load and router entropy, idle experts", plot_balance),
     ("expert_share", "Tokens per expert over time", None),
     ("dropped_tokens", "Dropped tokens (capacity factor)", plot_dropped),
     ("topk", "Top-k schedule", plot_topk),

@@ -291,3 +291,28 @@ def test_biasless_checkpoint_into_biased_run_is_refused_unless_asked(tmp_path):
 
 def cfg_rate() -> float:
     return ckpt_config().model.bias_update_rate
+
+
+def test_bias_survives_a_reshaped_resume(tmp_path):
+    """Another ZeRO stage takes the reshape path (parameters copied one by one): the bias, a
+    buffer without optimizer state, must be carried too."""
+    run = tmp_path / "r"
+    train_in_process(ckpt_config(*BIAS[:2], "train.max_steps=2"), run)
+    b2 = _bias(run, 2)
+    assert b2.abs().sum() > 0
+    train_in_process(
+        ckpt_config(*BIAS[:2], "train.max_steps=3", "parallel.zero_stage=2"), run, resume="auto"
+    )
+    step = (_bias(run, 3) - b2).abs()
+    assert step.max() <= cfg_rate() + 1e-9  # one update on top of the restored bias
+
+
+def test_shared_experts_are_in_dense_optimizer_groups():
+    from sigma_moe.parallel.wiring import moe_param_groups
+
+    model = SigmaMoEForCausalLM(_cfg(num_shared_experts=1))
+    shared = {id(p) for blk in model.layers for p in blk.moe.shared.parameters()}
+    groups = moe_param_groups(model, 0.1)
+    dense = {id(p) for g in groups if not g.get("moe") for p in g["params"]}
+    expert = {id(p) for g in groups if g.get("moe") for p in g["params"]}
+    assert shared <= dense and not shared & expert and expert

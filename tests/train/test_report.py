@@ -24,7 +24,7 @@ from sigma_moe.rho1.callback import Rho1Callback  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MIN_BYTES = 8_000  # a labelled matplotlib figure at 100 dpi; an empty frame is ~4-6 kB
-PLAIN = {"loss", "val_loss", "lr", "throughput", "grad_norm", "expert_load", "topk"}
+PLAIN = {"loss", "val_loss", "lr", "throughput", "grad_norm", "expert_load", "balance", "topk"}
 RHO1 = {"rho1_selected", "rho1_excess_hist"}
 
 
