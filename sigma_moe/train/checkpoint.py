@@ -120,6 +120,9 @@ def load_model_for_inference(path: str | Path, device: str | torch.device = "cpu
         raise ValueError(
             f"checkpoint {ckpt} does not fit the model its config describes: {e}"
         ) from e
+    topk = (meta.get("model_config") or {}).get("router_topk")
+    if topk:  # top-k as the layers ran at the saved step (progressive sparsification)
+        model.set_topk(topk)
     return model.float().to(device).eval(), cfg_dict, meta
 
 

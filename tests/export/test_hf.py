@@ -207,6 +207,29 @@ def test_continue_pretraining_an_import(ep1, tmp_path):
     assert got[2] < got[0]
 
 
+def test_export_from_a_bf16_checkpoint(tmp_path):
+    """A bf16 run (asked for ZeRO-2; one process records the stage it ran, 0 since the
+    one-process fast path): from_checkpoint reads the trainer inference loader's weights and
+    the export matches them (fp32 export of bf16-trained weights)."""
+    from _ckpt_util import config, train_in_process
+
+    from sigma_moe.train.checkpoint import load_model_for_inference
+
+    cfg = config("train.max_steps=2", "parallel.zero_stage=2", "train.precision=bf16")
+    train_in_process(cfg, tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoints"
+    ours, (ref, _, meta) = _ours(ckpt), load_model_for_inference(ckpt)
+    assert meta["zero_stage"] in (0, 2)
+    for (n, p), (_, q) in zip(ours.state_dict().items(), ref.state_dict().items()):
+        assert torch.equal(p, q), n
+    out = export_hf(ckpt, tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, 8000, (2, 32), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        d = float((ours(ids).logits - hf(input_ids=ids).logits).abs().max())
+    assert d < LOGIT_TOL, d
+
+
 # --------------------------------------------------------------------------- EP=2
 
 
@@ -218,13 +241,14 @@ def _free_port() -> int:
 
 @pytest.mark.distributed
 def test_export_from_ep2_checkpoint(ep1, tmp_path):
-    """One EP=2 run on 2 gloo processes resumes the EP=1 run at step 6 and trains step 7: its
-    checkpoint holds each rank's half of the experts. The export gathers all of them, in
+    """One EP=2 ZeRO-2 run on 2 gloo processes resumes the EP=1 run at step 6 and trains step
+    7: its checkpoint holds each rank's half of the experts. The export gathers all of them, in
     order (bitwise equal to the rank files), transformers reproduces our logits, and every
     tensor is within a fraction of one Adam step of the EP=1 run's step-7 export."""
     run = tmp_path / "ep2"
     base = baseline_run()
-    sets = [a for s in BASE_SETS + ["parallel.ep_size=2"] for a in ("--set", s)]
+    sets = [a for s in [*BASE_SETS, "parallel.ep_size=2", "parallel.zero_stage=2"]
+            for a in ("--set", s)]  # fmt: skip
     cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
            "--master_port", str(_free_port()), "-m", "sigma_moe.cli", "train",
            str(REPO / "configs" / "test-tiny.yaml"), "--out", str(run), *sets,
@@ -234,6 +258,8 @@ def test_export_from_ep2_checkpoint(ep1, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     ckpt = run / "checkpoints" / "step_00000007"
     assert len(list(ckpt.glob("layer_0_expert_*_mp_rank_00_model_states.pt"))) == 2
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert (meta["ep_size"], meta["world_size"], meta["zero_stage"]) == (2, 2, 2), meta
     out = export_hf(ckpt, tmp_path / "hf-ep2")
     _check_parity(_ours(ckpt), out)
     from safetensors.torch import load_file
@@ -319,6 +345,10 @@ def test_export_refuses_mixed_topk(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "layers [0] top-2" in err and "layers [1] top-1" in err and "step 2" in err, err
     assert not (tmp_path / "out").exists()
+    # eval / generate / a Rho-1 reference use the top-k the layers ran with, as from_checkpoint
+    from sigma_moe.train.checkpoint import load_model_for_inference
+
+    assert load_model_for_inference(ck)[0].current_topk() == [2, 1] == _ours(ck).current_topk()
 
 
 def test_export_refuses_shared_experts_and_router_bias():
