@@ -284,7 +284,7 @@ PLOTS: list[tuple[str, str, Callable]] = [
     ("throughput", "Tokens/s and MFU", plot_throughput),
     ("grad_norm", "Gradient norm", plot_grad_norm),
     ("expert_load", "Expert load per layer over time", plot_expert_load),
-    ("balance", "Expert balance per layer: CV, load and router entropy, idle experts", plot_balance),
+    ("balance", "Expert balance per layer: CV, entropies, idle experts", plot_balance),
     ("expert_share", "Tokens per expert over time", None),
     ("dropped_tokens", "Dropped tokens (capacity factor)", plot_dropped),
     ("topk", "Top-k schedule", plot_topk),
