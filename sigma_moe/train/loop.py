@@ -14,6 +14,7 @@ import os
 import random
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from sigma_moe.config import RunConfig, save_config
+from sigma_moe.train.domain_stats import domain_expert_counts
 from sigma_moe.train.engine import (
     World,
     build_model_config,
@@ -35,6 +37,10 @@ from sigma_moe.train.engine import (
     topk_for_step,
 )
 from sigma_moe.train.runlock import RunLock, check_run_folder
+from sigma_moe.train.sampling import DomainLosses, Sampler, StaticSampler
+
+# (cfg, tokenizer, num_samples) -> (train dataset, its sampler, extra callbacks)
+DataPolicy = Callable[[RunConfig, Any, int], tuple[Any, Sampler, list]]
 
 
 class TrainingStopped(RuntimeError):
@@ -105,8 +111,12 @@ class Trainer:
         val_ds,
         tokenizer,
         callbacks: list,
+        sampler: Sampler | None = None,
     ):
         self.cfg, self.out_dir, self.world = cfg, out_dir, world
+        # Which samples each step reads (sigma_moe.train.sampling); the static blend by default.
+        self.sampler = sampler or StaticSampler(train_ds, cfg.train.global_batch_size)
+        self.step_domain_expert_LKE: torch.Tensor | None = None  # last step's, all ranks
         self.engine, self.model = engine, model
         self.train_ds, self.val_ds, self.tokenizer = train_ds, val_ds, tokenizer
         self.callbacks = callbacks
@@ -126,12 +136,12 @@ class Trainer:
         so the global batch's content does not depend on the number of processes."""
         from sigma_moe.data.dataset import collate
 
-        G, mb = self.cfg.train.global_batch_size, self.cfg.train.micro_batch_size
-        base = step * G
+        mb = self.cfg.train.micro_batch_size
+        keys = self.sampler.keys_for_step(step)
         out = []
         for a in range(self.accum):
             j = a * self.dp + self.world.rank
-            samples = [self.train_ds[base + j * mb + i] for i in range(mb)]
+            samples = [self.train_ds.get_domain_sample(*keys[j * mb + i]) for i in range(mb)]
             batch = collate(samples)
             out.append(
                 {k: v.to(self.world.device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -172,6 +182,8 @@ class Trainer:
             6, dtype=torch.float64
         )  # lm_sum, ce_all_sum, n_valid, aux, n_sel, nonfinite
         counts_LE = entropy_L = None
+        n_dom = len(self.sampler.domain_names)
+        dom_losses, dom_LKE = DomainLosses.zeros(n_dom), 0.0
         sel_metrics: dict[str, float] = {}
         dropped = 0
         bad_step = False
@@ -209,6 +221,8 @@ class Trainer:
                 ],
                 dtype=torch.float64,
             )
+            dom_losses.add_micro_batch(ce_BS, valid_BS, b["domain"], b.get("ref_loss"))
+            dom_LKE = dom_LKE + domain_expert_counts(out.moe_stats, b["domain"], n_dom)
             c = torch.stack([s.tokens_per_expert_E for s in out.moe_stats]).double()
             counts_LE = c if counts_LE is None else counts_LE + c
             ent = torch.stack([s.router_entropy for s in out.moe_stats]).double() / len(batches)
@@ -232,6 +246,14 @@ class Trainer:
             del out, loss
         if self.dp > 1:
             dist.all_reduce(sums)
+            dist.all_reduce(dom_LKE)
+            packed = dom_losses.packed()
+            dist.all_reduce(packed)
+            dom_losses = DomainLosses.unpack(packed, dom_losses.has_ref)
+        self.step_domain_expert_LKE = dom_LKE
+        mix_weights = self.sampler.weights()  # the weights this step was drawn with
+        self.sampler.feedback(step, dom_losses)
+        self.state.extra["sampler"] = self.sampler.state_dict()
         # Global-batch counts (summed over the data-parallel group); the aux-loss-free bias
         # steps from them, except on a skipped (non-finite) step, which leaves the model as is.
         counts_LE = self.model.end_step_balance(counts_LE, update_bias=not bad_step)
@@ -265,6 +287,9 @@ class Trainer:
             entropy_L /= self.dp
         m.update(balance_metrics(counts_LE, entropy_L, topk))
         m.update(sel_metrics)
+        if self.sampler.online and mix_weights is not None:
+            for name, w in zip(self.sampler.domain_names, mix_weights):
+                m[f"mix_weight/{name}"] = w
         return m
 
     def _grad_norm_stage0(self) -> float:
@@ -321,7 +346,9 @@ class Trainer:
         clean = [d.name for d in self.cfg.data.domains if d.clean and f"val_loss/{d.name}" in out]
         if clean:
             out["clean_val_loss"] = float(np.mean([out[f"val_loss/{c}"] for c in clean]))
-        out["val_loss"] = float(np.mean([v for k, v in out.items() if k.startswith("val_loss/")]))
+        per_domain = [v for k, v in out.items() if k.startswith("val_loss/")]
+        out["val_loss"] = float(np.mean(per_domain))
+        out["val_loss_worst"] = float(np.max(per_domain))
         self.engine.train()
         return out
 
@@ -337,6 +364,8 @@ class Trainer:
         from sigma_moe.rho1.scorer import ScorerError
 
         self._call("on_resume")
+        if "sampler" in self.state.extra:  # restored by the checkpoint callback
+            self.sampler.load_state_dict(self.state.extra["sampler"])
         self._call("on_train_start")
         last: dict[str, Any] = {}
         failure: ScorerError | None = None
@@ -371,21 +400,35 @@ def _install_signal_handlers(trainer: Trainer) -> None:
 
 
 def run_training(
-    cfg: RunConfig, out_dir: str | Path, resume: str = "none", extra_callbacks: list | None = None
+    cfg: RunConfig,
+    out_dir: str | Path,
+    resume: str = "none",
+    extra_callbacks: list | None = None,
+    data_policy: DataPolicy | None = None,
 ) -> dict[str, Any]:
     """Train `cfg` into `out_dir` (config.yaml, metrics.jsonl, checkpoints/, wandb/, plots/).
     `resume`: "none", "auto" (newest complete checkpoint in out_dir/checkpoints, if any) or a
     checkpoint path. Returns the summary dict (also written to out_dir/summary.json).
     The folder is owned by this run while it trains (`sigma_moe.train.runlock`; rank 0 holds
-    the lock): a second run into it is refused with the holder's pid."""
+    the lock): a second run into it is refused with the holder's pid.
+    `data_policy(cfg, tokenizer, num_samples) -> (train_ds, sampler, callbacks)` builds the
+    training data and its sampler (the run assembly of an online mixer passes one:
+    `sigma_moe.mixing.run`); default: the static blend of `data.domains`."""
+    if data_policy is None and cfg.data.mixing.kind != "static":
+        raise ValueError(
+            f"config key 'data.mixing.kind': {cfg.data.mixing.kind!r} needs the mixing run "
+            "assembly (`sigma-moe train`, or sigma_moe.mixing.run.run_training)"
+        )
     out_dir = Path(out_dir)
     check_run_folder(out_dir)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     with RunLock(out_dir) if rank0 else contextlib.nullcontext():
-        return _run_training(cfg, out_dir, resume, extra_callbacks)
+        return _run_training(cfg, out_dir, resume, extra_callbacks, data_policy)
 
 
-def _run_training(cfg: RunConfig, out_dir: Path, resume: str, extra_callbacks) -> dict[str, Any]:
+def _run_training(
+    cfg: RunConfig, out_dir: Path, resume: str, extra_callbacks, data_policy=None
+) -> dict[str, Any]:
     import deepspeed
 
     from sigma_moe.data.dataset import build_train_dataset, build_val_datasets
@@ -408,14 +451,18 @@ def _run_training(cfg: RunConfig, out_dir: Path, resume: str, extra_callbacks) -
     set_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     num_samples = cfg.train.max_steps * cfg.train.global_batch_size
-    train_ds = build_train_dataset(
-        cfg.data.domains,
-        cfg.data.seq_len,
-        num_samples,
-        cfg.train.seed,
-        tokenizer,
-        reset_at_eod=cfg.data.reset_at_eod,
-    )
+    sampler, policy_callbacks = None, []
+    if data_policy is not None:
+        train_ds, sampler, policy_callbacks = data_policy(cfg, tokenizer, num_samples)
+    else:
+        train_ds = build_train_dataset(
+            cfg.data.domains,
+            cfg.data.seq_len,
+            num_samples,
+            cfg.train.seed,
+            tokenizer,
+            reset_at_eod=cfg.data.reset_at_eod,
+        )
     val_ds = build_val_datasets(
         cfg.data.domains,
         cfg.data.seq_len,
@@ -433,8 +480,9 @@ def _run_training(cfg: RunConfig, out_dir: Path, resume: str, extra_callbacks) -
     base_model = engine.module._orig_mod if hasattr(engine.module, "_orig_mod") else engine.module
     wire_expert_parallel(base_model, cfg.parallel.ep_size)
     callbacks = default_callbacks(cfg, out_dir, world, resume) + list(extra_callbacks or [])
+    callbacks += policy_callbacks
     trainer = Trainer(
-        cfg, out_dir, world, engine, base_model, train_ds, val_ds, tokenizer, callbacks
+        cfg, out_dir, world, engine, base_model, train_ds, val_ds, tokenizer, callbacks, sampler
     )
     _install_signal_handlers(trainer)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
