@@ -74,6 +74,15 @@ class ExpertLoadByDomain:
         st = trainer.state.extra.get("expert_load")
         if st:
             self.since_eval, self.total = np.array(st["since_eval"]), np.array(st["total"])
+        path = self.out_dir / "expert_load.jsonl"
+        if trainer.world.is_main and path.is_file():
+            # a killed run wrote lines past the resume point: they are trained and written again
+            keep = [
+                x
+                for x in path.read_text().splitlines(keepends=True)
+                if x.endswith("\n") and json.loads(x)["step"] <= trainer.state.step
+            ]
+            path.write_text("".join(keep))
 
     def on_step_end(self, trainer, m) -> None:
         c = trainer.step_domain_expert_LKE

@@ -52,6 +52,10 @@ def _kill_resume_matches(tmp_path: Path, sets: list[str]) -> Path:
     assert sorted(a) == list(range(1, 8)) and a == b  # bitwise: floats compared exactly
     ws = {tuple(v[k] for k in sorted(v) if k.startswith("mix_")) for v in a.values()}
     assert len(ws) > 2, "the weights should change during the run (update_every=1)"
+    # the domain × expert counts between evals survive the kill too (resumable state, no
+    # duplicated lines from the killed run)
+    el = "expert_load.jsonl"
+    assert (run / el).read_text() == (base / el).read_text()
     return run
 
 
