@@ -32,7 +32,6 @@ from ._backend import HAS_TRITON, check_tile, resolve_backend
 # tile configs per GEMM role (BLOCK_M, the autotune sets) and the fp32 dot precision
 from ._gemm_tiles import _BLOCK_M, _LAUNCH_CONFIGS, _ROLE_KERNEL, check_precision, resolve_precision
 
-
 if HAS_TRITON:
     import triton
     import triton.language as tl
@@ -295,6 +294,67 @@ def _bwd_torch(
         dxr.baddbmm_(dhur, wu_EDF[sl].transpose(1, 2))
         r.unpad_into(dxr, dx)
     return dx, dwg, dwu, dwd
+
+
+# torch._grouped_mm (torch >= 2.8 on CPU): one call per GEMM over the unpadded sorted rows, no
+# host-side plan, no padding copies, so its cost does not depend on the routing balance.
+# Measured on this 2-core VM (loaded, see docs/benchmarks/train-2026-12-01.md), demo sizes
+# T=2048 D=256 F=128 E=96, forward, 2 threads: 20-29 ms vs 22-57 ms for the ranged bmm
+# (balanced) and 45 vs 40 ms with one expert holding a quarter of the tokens; the ranged bmm is
+# kept for shapes _grouped_mm refuses (strides or base addresses not multiples of 16 bytes,
+# float64).
+def _gmm_ok(*ts: Tensor) -> bool:
+    if ts[0].shape[0] == 0:  # no rows: _grouped_mm rejects the empty strides
+        return False
+    for t in ts:
+        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16) or t.data_ptr() % 16:
+            return False
+        if any(st != 1 and (st * t.element_size()) % 16 for st in t.stride()):
+            return False
+    return hasattr(torch, "_grouped_mm")
+
+
+def _offsets(counts_E: Tensor) -> Tensor:
+    return torch.cumsum(counts_E, 0, dtype=torch.int32)
+
+
+def _fwd_gmm(x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD):
+    offs = _offsets(counts_E)
+    hg = torch._grouped_mm(x_ND, wg_EDF, offs=offs)
+    hu = torch._grouped_mm(x_ND, wu_EDF, offs=offs)
+    a = F.silu(hg).mul_(hu)
+    return torch._grouped_mm(a, wd_EFD, offs=offs), hg, hu
+
+
+def _bwd_gmm(dy_ND, x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD, hg, hu):
+    offs = _offsets(counts_E)
+    dA = torch._grouped_mm(dy_ND, wd_EFD.transpose(1, 2), offs=offs)
+    a, dhg, dhu = _swiglu_bwd(dA, hg, hu)
+    del dA
+    # an expert with no rows gets zero weight gradients from _grouped_mm itself
+    dwd = torch._grouped_mm(a.t(), dy_ND, offs=offs)
+    del a
+    dwg = torch._grouped_mm(x_ND.t(), dhg, offs=offs)
+    dwu = torch._grouped_mm(x_ND.t(), dhu, offs=offs)
+    dx = torch._grouped_mm(dhg, wg_EDF.transpose(1, 2), offs=offs)
+    dx += torch._grouped_mm(dhu, wu_EDF.transpose(1, 2), offs=offs)
+    return dx, dwg, dwu, dwd
+
+
+def _fwd_torch_best(x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD):
+    _counts_list(counts_E, x_ND.shape[0])  # the bad-counts check of the torch path
+    x_ND = x_ND.contiguous()
+    if _gmm_ok(x_ND, wg_EDF, wu_EDF, wd_EFD):
+        return _fwd_gmm(x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD)
+    return _fwd_torch(x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD)
+
+
+def _bwd_torch_best(dy_ND, x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD, hg, hu):
+    args = (dy_ND.contiguous(), x_ND.contiguous(), counts_E, wg_EDF, wu_EDF, wd_EFD, hg, hu)
+    if _gmm_ok(args[0], args[1], wg_EDF, wu_EDF, wd_EFD, hg, hu):
+        _counts_list(counts_E, x_ND.shape[0])
+        return _bwd_gmm(*args)
+    return _bwd_torch(*args)
 
 
 # The per-expert loop, kept for the benchmark's "alternatives" table (see above for why it lost).

@@ -159,14 +159,25 @@ def lr_at(cfg: RunConfig, step: int) -> float:
     return tr.lr - (tr.lr - floor) * t
 
 
+def effective_zero_stage(zero_stage: int, world_size: int) -> int:
+    """ZeRO-1/2 with one process partition nothing, but DeepSpeed still copies every gradient
+    into its flat buckets, reduces them over the 1-process group, steps a flat fp32 copy of the
+    weights and copies it back (~1/3 of a demo-cpu step at E=96, ENV-NOTES.md). One process runs
+    the same arithmetic as ZeRO-0; the resolved config and the checkpoint say so."""
+    return 0 if world_size == 1 else zero_stage
+
+
 def deepspeed_config(cfg: RunConfig, dp_size: int) -> dict[str, Any]:
     tr = cfg.train
+    stage = cfg.parallel.zero_stage
     ds: dict[str, Any] = {
         "train_batch_size": tr.global_batch_size,
         "train_micro_batch_size_per_gpu": tr.micro_batch_size,
         "gradient_accumulation_steps": gradient_accumulation_steps(cfg, dp_size),
-        "gradient_clipping": tr.grad_clip,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        # ZeRO-0: the loop clips (one foreach norm that it also logs, Trainer._clip_stage0);
+        # DeepSpeed's own ZeRO-0 clipping computes a second norm, parameter by parameter.
+        "gradient_clipping": tr.grad_clip if stage > 0 else 0.0,
+        "zero_optimization": {"stage": stage},
         "bf16": {"enabled": tr.precision == "bf16"},
         # We pass torch's AdamW (fused on CPU: ~30 ms/step vs ~150 ms for 43M params, DESIGN.md).
         "zero_allow_untested_optimizer": True,

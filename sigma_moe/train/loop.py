@@ -10,6 +10,7 @@ loss and gradient (Megatron's per-token loss; tests/train and tests/parallel che
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import signal
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from sigma_moe.config import RunConfig, save_config
 from sigma_moe.train.domain_stats import domain_expert_counts
@@ -30,6 +32,7 @@ from sigma_moe.train.engine import (
     build_model_config,
     build_optimizer,
     deepspeed_config,
+    effective_zero_stage,
     gradient_accumulation_steps,
     init_distributed,
     lr_at,
@@ -241,7 +244,7 @@ class Trainer:
                     g["lr"] = 0.0
             self.engine.backward(loss)
             if a == len(batches) - 1 and self.cfg.parallel.zero_stage == 0:
-                grad_norm0 = self._grad_norm_stage0()
+                grad_norm0 = self._clip_stage0()
             self.engine.step()
             del out, loss
         if self.dp > 1:
@@ -292,22 +295,28 @@ class Trainer:
                 m[f"mix_weight/{name}"] = w
         return m
 
-    def _grad_norm_stage0(self) -> float:
-        """ZeRO-0 keeps no global grad norm: compute it from the reduced grads before the step.
-        Dense grads are identical on every rank; each expert's grad lives on world/ep_size ranks."""
-        dense = torch.zeros(1, dtype=torch.float64)
-        expert = torch.zeros(1, dtype=torch.float64)
+    def _clip_stage0(self) -> float:
+        """ZeRO-0 keeps no global grad norm and gets no clipping from DeepSpeed (engine.py passes
+        it 0): one foreach norm over the reduced grads gives the logged norm and clips with it
+        (DeepSpeed's formula: x max_norm / (norm + 1e-6) when below 1). fp32, no per-gradient
+        float64 copy: that copy was 23% of a demo-cpu step at E=96 (ENV-NOTES.md). Dense grads
+        are identical on every rank; each expert's grad lives on world/ep_size ranks."""
+        dense, expert = [], []
         for p in self.engine.module.parameters():
             if p.grad is not None:
-                sq = p.grad.detach().double().pow(2).sum().cpu()
-                if getattr(p, "allreduce", True):
-                    dense += sq
-                else:
-                    expert += sq
+                (dense if getattr(p, "allreduce", True) else expert).append(p)
+        sq = torch.zeros(2)
+        for i, ps in enumerate((dense, expert)):
+            if ps:
+                sq[i] = get_total_norm([p.grad for p in ps], foreach=True).float().square()
         if self.dp > 1:
-            dist.all_reduce(expert)
-            expert /= self.dp // self.cfg.parallel.ep_size
-        return float((dense + expert).sqrt())
+            e = sq[1:].clone()
+            dist.all_reduce(e)
+            sq[1] = e[0] / (self.dp // self.cfg.parallel.ep_size)
+        total = sq.sum().sqrt()
+        if self.cfg.train.grad_clip > 0:
+            clip_grads_with_norm_(dense + expert, self.cfg.train.grad_clip, total, foreach=True)
+        return float(total)
 
     # ------------------------------------------------------------------ eval
 
@@ -448,6 +457,10 @@ def _run_training(
     if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
+    # What runs (engine, checkpoint layout, meta.json); config.yaml keeps the recipe's stage so a
+    # resume on more processes still shards.
+    stage = effective_zero_stage(cfg.parallel.zero_stage, world.world_size)
+    cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, zero_stage=stage))
     set_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     num_samples = cfg.train.max_steps * cfg.train.global_batch_size
@@ -477,6 +490,10 @@ def _run_training(
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(cfg, world.world_size)
     )
+    if world.world_size == 1 and cfg.parallel.zero_stage == 0:
+        # one process: nothing to all-reduce (DeepSpeed's bucketed all-reduce over the 1-process
+        # gloo group cost ~7% of a ZeRO-0 demo-cpu step at E=96, ENV-NOTES.md)
+        engine.enable_backward_allreduce = False
     base_model = engine.module._orig_mod if hasattr(engine.module, "_orig_mod") else engine.module
     wire_expert_parallel(base_model, cfg.parallel.ep_size)
     callbacks = default_callbacks(cfg, out_dir, world, resume) + list(extra_callbacks or [])

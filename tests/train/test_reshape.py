@@ -67,9 +67,13 @@ class _StateCheck:
 
         for n, p in trainer.model.named_parameters():
             assert torch.equal(p.detach(), self.full["module"][n]), n
-            assert torch.equal(safe_get_full_fp32_param(p), self.full["fp32"][n]), n
+            fp32 = safe_get_full_fp32_param(p)
+            fp32 = p.detach() if fp32 is None else fp32  # ZeRO-0 (one process): p is the master
+            assert torch.equal(fp32, self.full["fp32"][n]), n
             for k in ("exp_avg", "exp_avg_sq"):
                 got = safe_get_full_optimizer_state(p, k)
+                if got is None:  # ZeRO-0: torch's optimizer holds the state
+                    got = trainer.engine.optimizer.state[p][k]
                 assert torch.equal(got, self.full["optim"][n][k]), (n, k)
             self.checked += 1
 
