@@ -40,6 +40,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
@@ -75,6 +76,10 @@ from sigma_moe.train.integrity import (  # noqa: F401  (re-exported: reshape, rh
     nonfinite_parameter,
     resolve_checkpoint,
 )
+
+# A second stop signal this soon after the first is the same request, forwarded again (see
+# Checkpointer._install_stop_handlers).
+_REPEAT_S = 0.5
 
 
 class CheckpointError(RuntimeError):
@@ -204,6 +209,7 @@ class Checkpointer:
         self.last_saved = -1
         self.failed = False  # a save failed: do not try again at the end of the run
         self._signal: str | None = None
+        self._signal_t = 0.0
         self._pid0: int | None = None
         # The handlers before this run's (restored at its end, so a Ctrl-C between the stages
         # of a multi-stage command stops it at once instead of being swallowed).
@@ -225,21 +231,27 @@ class Checkpointer:
         processes a signal may reach the ranks at different moments; if one rank left the loop a
         step before the others, their collectives would no longer pair up. So a signal is only
         recorded here and the ranks agree at the end of every step (`on_step_end`); a single
-        process stops right away as the loop's own handler does. A second signal stops at once
-        (KeyboardInterrupt, no checkpoint)."""
+        process stops right away as the loop's own handler does. A second Ctrl-C (SIGINT) stops
+        at once (KeyboardInterrupt, no checkpoint). Repeated SIGTERMs and a signal within
+        `_REPEAT_S` of the first are the same request: launchers forward one stop several times
+        (the DeepSpeed launcher's own SIGTERM reached the ranks right after pretrain.sh's, and
+        a "second signal" there threw away the checkpoint of test_launcher_sigterm...)."""
         if threading.current_thread() is not threading.main_thread():
             return
 
         def handler(signum, frame):
             name = signal.Signals(signum).name
+            now = time.monotonic()
             if self._signal is not None:
-                self._restore_handlers()
-                raise KeyboardInterrupt(f"second {name}: stopped at once, without a checkpoint")
-            self._signal = name
+                if signum == signal.SIGINT and now - self._signal_t >= _REPEAT_S:
+                    self._restore_handlers()
+                    raise KeyboardInterrupt(f"second {name}: stopped at once, without a checkpoint")
+                return
+            self._signal, self._signal_t = name, now
             if self.world.is_main:
                 _log(
                     f"[checkpoint] {name}: stopping after this step with a checkpoint "
-                    "(send it again to stop at once)"
+                    "(Ctrl-C again to stop at once)"
                 )
             if self.world.world_size == 1:
                 trainer.stop_requested = self._signal

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -482,6 +483,8 @@ class _TwoSigints:
     def on_step_end(self, trainer, m):
         if m["step"] == self.step:
             os.kill(os.getpid(), signal.SIGINT)  # recorded: stop after this step, checkpoint
+            os.kill(os.getpid(), signal.SIGINT)  # a forwarded copy of the same Ctrl-C: ignored
+            time.sleep(0.6)  # past checkpoint._REPEAT_S: a second Ctrl-C of the user's
             os.kill(os.getpid(), signal.SIGINT)  # the second: at once
 
 
