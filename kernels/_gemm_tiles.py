@@ -1,8 +1,8 @@
 """Tile configurations of the grouped-SwiGLU Triton GEMMs and the fp32 dot precision.
 
-Kept apart from ``grouped_swiglu.py`` (which holds the kernels, launchers and the torch
-backend) so the tuning tables can change without touching kernel code; the `sm90` compile tier
-(``_sm90.py``) compiles every entry.
+Kept apart from ``grouped_swiglu_triton.py`` (which holds the kernels and launchers) so the
+tuning tables can change without touching kernel code; the `sm90` compile tier (``_sm90.py``)
+compiles every entry.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ from triton.compiler import ASTSource
 
 from ._backend import triton_is_interpreted
 
-gs = importlib.import_module("sigma_moe_kernels.grouped_swiglu")
+gs = importlib.import_module("sigma_moe_kernels.grouped_swiglu_triton")
 gt = importlib.import_module("sigma_moe_kernels._gemm_tiles")
 pm = importlib.import_module("sigma_moe_kernels.permute")
 tr = importlib.import_module("sigma_moe_kernels.topk_route")
@@ -146,7 +146,7 @@ def _gemm_specs(full: bool) -> list[Spec]:
                     const.update(N_FASTEST=gs.N_FASTEST, BLOCK_M=gt._BLOCK_M)
                 tiles = "x".join(str(v) for v in cfg.kwargs.values())
                 lab = f"{what[role]} {prec} {tiles} w{cfg.num_warps} s{cfg.num_stages}"
-                spec = Spec("grouped_swiglu", name, dt, lab, ptrs, const, gemm=True)
+                spec = Spec("grouped_swiglu_triton", name, dt, lab, ptrs, const, gemm=True)
                 spec.num_warps, spec.num_stages = cfg.num_warps, cfg.num_stages
                 out.append(spec)
     # the other grid order (gpu_check times it): one config of each row-tile kernel, bf16

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Rho-1 experiment on the bundled corpus (see ``sigma_moe/rho1/experiment.py``).
+"""Rho-1 experiment on the bundled corpus (see ``sigma_moe/experiments/rho1.py``).
 
     python scripts/rho1_demo.py --out runs/rho1-demo
     python scripts/rho1_demo.py --out /tmp/r --steps 40 --ref-steps 40 --no-prefilled  # smoke
@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sigma_moe.rho1.experiment import (
+from sigma_moe.experiments.rho1 import (
     DEFAULT_REF_STEPS,
     DEFAULT_STEPS,
     measure_throughput,

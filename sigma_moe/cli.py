@@ -27,7 +27,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from sigma_moe.demo import run_demo
+    from sigma_moe.experiments.demo import run_demo
 
     run_demo(Path(args.out), steps=args.steps, rho1=not args.no_rho1, resume=args.resume)
     return 0
@@ -112,7 +112,7 @@ PASSTHROUGH = {
         "train_tokenizer_main",
         "train a byte-level BPE tokenizer",
     ),
-    "score": ("sigma_moe.rho1.scorer", "main", "Rho-1 scorer: prefill a reference-loss store"),
+    "score": ("sigma_moe.rho1.score_cli", "main", "Rho-1 scorer: prefill a reference-loss store"),
     "mix-search": (
         "sigma_moe.mixing.regmix",
         "main",

@@ -23,9 +23,10 @@ from .common import (
     time_side_by_side,
     write_json,
 )
+from .swiglu_loop import bwd_torch_loop, fwd_torch_loop
 
-# the module (the package attribute of the same name is the op function)
-gs_mod = importlib.import_module("sigma_moe_kernels.grouped_swiglu")
+# the torch implementation's module (the ranged bmm with its tuning knobs)
+gs_mod = importlib.import_module("sigma_moe_kernels.grouped_swiglu_torch")
 
 
 class _AltGroupedSwiGLU(torch.autograd.Function):
@@ -131,8 +132,8 @@ def run(quick: bool = False, repeats: int | None = None, device: str | None = No
     if dev.type == "cpu":
         alts = {
             "alt: per-expert torch.mm loop, manual bwd": (
-                gs_mod._fwd_torch_loop,
-                gs_mod._bwd_torch_loop,
+                fwd_torch_loop,
+                bwd_torch_loop,
             ),
             "alt: one padded bmm (single range)": _ranged(10**9, 10**9),
             "alt: ranged bmm, ranges <= 256 rows": _ranged(gs_mod._ALPHA_ROWS, 256),

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from sigma_moe.bench.common import describe_machine, machine_info, markdown_table, write_json
+from sigma_moe.data.batch import masked_labels
 
 REPO = Path(__file__).resolve().parents[2]
 PEERS = ("hf", "hf-ds0", "hf-ds1", "autoep")
@@ -180,7 +181,7 @@ def train_peer(cfg, model, opt, ds, sampler, steps: int, rank: int = 0, nproc: i
         for a in range(G // (mb * nproc)):
             j = a * nproc + rank
             b = collate([ds.get_domain_sample(*k) for k in keys[j * mb : (j + 1) * mb]])
-            labels = b["labels"].masked_fill(b["loss_mask"] <= 0, -100)
+            labels = masked_labels(b)
             logits = model(input_ids=b["input_ids"]).logits
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
             (model.backward if is_engine else torch.Tensor.backward)(loss)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import sigma_moe_kernels as K
-from sigma_moe_kernels.grouped_swiglu import _plan
+from sigma_moe_kernels.grouped_swiglu_torch import _plan
 
 
 def _weights(E, D, F, dtype, device, gen):

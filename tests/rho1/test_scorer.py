@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from sigma_moe.config import RunConfig
-from sigma_moe.rho1.scorer import ScorerError, ScorerSupervisor, build_dataset, main, score_samples
+from sigma_moe.rho1.score_cli import main
+from sigma_moe.rho1.scorer import ScorerError, ScorerSupervisor, build_dataset, score_samples
 from sigma_moe.rho1.store import RefLossStore
 
 G, MB, STEPS = 8, 4, 4

@@ -518,11 +518,11 @@ def _stopping_run_training(monkeypatch, at_step, swap_cfg=None):
 
 
 def case_demo_stops_whole_command_then_resumes(tmp_path, capsys, damaged, monkeypatch):
-    from sigma_moe import demo
-    from sigma_moe.rho1 import experiment
+    from sigma_moe.experiments import demo
+    from sigma_moe.experiments import rho1 as experiment
     from sigma_moe.train.callbacks import StageInterrupted
 
-    monkeypatch.setattr(demo, "_config_path", lambda name: Path(TINY))
+    monkeypatch.setattr(demo, "config_path", lambda name: Path(TINY))
     monkeypatch.setattr(experiment, "run_rho1_experiment", lambda *a, **k: pytest.fail("ran on"))
     calls = _stopping_run_training(monkeypatch, 2)
     out = tmp_path / "demo"
@@ -538,7 +538,7 @@ def case_demo_stops_whole_command_then_resumes(tmp_path, capsys, damaged, monkey
 
 
 def case_rho1_experiment_stopped_stage_writes_no_results(tmp_path, capsys, damaged, monkeypatch):
-    from sigma_moe.rho1.experiment import run_rho1_experiment
+    from sigma_moe.experiments.rho1 import run_rho1_experiment
     from sigma_moe.train.callbacks import StageInterrupted
 
     calls = _stopping_run_training(monkeypatch, 2, swap_cfg=config("train.max_steps=3"))

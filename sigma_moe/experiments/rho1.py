@@ -33,7 +33,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+from sigma_moe.config import load_config
+from sigma_moe.data.batch import IGNORE_INDEX, masked_labels
+from sigma_moe.data.tokenizer import BUNDLED_VOCAB_SIZE
+from sigma_moe.rho1.score_cli import prefill
+
+from . import config_path
+
 DEFAULT_STEPS = 100
 DEFAULT_REF_STEPS = 200
 
@@ -132,11 +138,11 @@ def _passages(target_ckpt: Path, ref_path: Path, cfg, ratio: float, n_per_domain
             samples.append(ds[i])
             names.append(name)
     b = collate(samples)
-    labels = b["labels"].masked_fill(b["loss_mask"] <= 0, -100)
+    labels = masked_labels(b)
     with torch.no_grad():
         ce = score_batch(model, b["input_ids"], labels)
         rl = score_batch(ref, b["input_ids"], labels)
-    valid = labels != -100
+    valid = labels != IGNORE_INDEX
     w = token_weights(ce, rl, valid, mode="excess", ratio=ratio)
     out = []
     for r in range(len(samples)):
@@ -278,9 +284,6 @@ def run_rho1_experiment(
         raise ValueError(f"noise_share must be in (0, 1), got {args.noise_share}")
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from sigma_moe.config import load_config
-    from sigma_moe.rho1.scorer import prefill
-
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     hint = resume_hint or "the same command with --resume auto"
@@ -290,37 +293,48 @@ def run_rho1_experiment(
 
     t_all = time.perf_counter()
     results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}}
-
-    # 1. reference on clean domains
-    if args.reference is None:
-        ref_cfg = load_config(
-            CONFIGS / "ref-demo.yaml",
-            [
-                f"train.max_steps={args.ref_steps}",
-                f"train.eval_every={args.ref_steps}",
-                f"checkpoint.every={args.ref_steps}",
-                f"logging.progress={'true' if args.progress else 'false'}",
-            ],
-        )
-        ref_run = train(ref_cfg, out / "ref", "reference (clean domains)")
-        ref_path = out / "ref" / "checkpoints"
-        results["reference"] = {
-            "config": "configs/ref-demo.yaml",
-            "steps": args.ref_steps,
-            "clean_val_loss": _clean_val(ref_run["summary"]),
-            "last_eval": ref_run["summary"].get("last_eval"),
-        }
+    if args.reference is None:  # 1. reference on clean domains
+        ref_path, results["reference"] = _train_reference(args, out, train)
     else:
         ref_path = args.reference
+    slm_cfg, runs = _train_targets(args, out, ref_path, train)  # 2. CLM, SLM (live, prefilled)
+    results.update(_results(args, out, slm_cfg, **runs))  # 3. results
+    results.update(_colour_tokens(args, out, ref_path, slm_cfg))  # 4. token colouring
+    results["total_wall_s"] = time.perf_counter() - t_all
+    (out / "rho1_results.json").write_text(json.dumps(results, indent=1, default=str))
+    table = format_table(results)
+    (out / "rho1_table.md").write_text(table)
+    print(table, file=sys.stderr)
+    return results
 
+
+def _train_reference(args, out: Path, train) -> tuple[Path, dict[str, Any]]:
+    """Step 1: the reference on the clean domains; returns its checkpoints and its results."""
+    ref_cfg = load_config(
+        config_path("ref-demo.yaml"),
+        [
+            f"train.max_steps={args.ref_steps}",
+            f"train.eval_every={args.ref_steps}",
+            f"checkpoint.every={args.ref_steps}",
+            f"logging.progress={'true' if args.progress else 'false'}",
+        ],
+    )
+    ref_run = train(ref_cfg, out / "ref", "reference (clean domains)")
+    return out / "ref" / "checkpoints", {
+        "config": "configs/ref-demo.yaml",
+        "steps": args.ref_steps,
+        "clean_val_loss": _clean_val(ref_run["summary"]),
+        "last_eval": ref_run["summary"].get("last_eval"),
+    }
+
+
+def _train_targets(args, out: Path, ref_path, train):
+    """Step 2: the target as CLM, as SLM with the live scorer and (optionally) as SLM from a
+    store prefilled offline; returns the SLM config and the three runs (``pre`` may be None)."""
     base = _sets(args)
-    cfg_file = CONFIGS / "demo-cpu.yaml"
-
-    # 2a. CLM
+    cfg_file = config_path("demo-cpu.yaml")
     clm_cfg = load_config(cfg_file, base + ["rho1.mode=none"])
     clm = train(clm_cfg, out / "clm", "target CLM (rho1.mode=none)")
-
-    # 2b. SLM, live scorer side process
     slm_sets = base + [
         "rho1.mode=excess",
         f"rho1.select_ratio={args.select_ratio}",
@@ -330,8 +344,6 @@ def run_rho1_experiment(
         cfg_file, slm_sets + ["rho1.scorer=process", f"rho1.store={out / 'store-live'}"]
     )
     slm = train(slm_cfg, out / "slm", "target SLM (rho1.mode=excess, live scorer)")
-
-    # 2c. SLM from a prefilled store
     pre = None
     if not args.no_prefilled:
         pre_cfg = load_config(
@@ -341,12 +353,13 @@ def run_rho1_experiment(
         fill = prefill(pre_cfg, str(ref_path), str(out / "store-prefilled"), progress=args.progress)
         pre = train(pre_cfg, out / "slm-prefilled", "target SLM (prefilled store)")
         pre["prefill"] = fill
+    return slm_cfg, {"clm": clm, "slm": slm, "pre": pre}
 
-    # 3. results
+
+def _selected_frac(out: Path, slm_cfg):
+    """Selected fraction of the SLM run's tokens per set of domains (from its selection counts)."""
     sel = json.loads((out / "slm" / "rho1_selection.json").read_text())
     counts, names = sel["counts"], sel["domain_names"]
-    clean_names = [d.name for d in slm_cfg.data.domains if d.clean]
-    noise_names = [d.name for d in slm_cfg.data.domains if not d.clean]
 
     def frac(domains):
         ids = [str(names.index(n)) for n in domains]
@@ -354,70 +367,76 @@ def run_rho1_experiment(
         v = sum(counts.get(f"n_valid/{i}", 0.0) for i in ids)
         return s / v if v else None
 
+    return sel, names, frac
+
+
+def _results(args, out: Path, slm_cfg, clm, slm, pre) -> dict[str, Any]:
+    """Step 3: losses, selection rates, throughput and model sizes of the runs."""
+    sel, names, frac = _selected_frac(out, slm_cfg)
+    clean_names = [d.name for d in slm_cfg.data.domains if d.clean]
+    noise_names = [d.name for d in slm_cfg.data.domains if not d.clean]
     tp = {
         "none": clm["tokens_per_s"],
         "live_scorer": slm["tokens_per_s"],
         "prefilled": pre["tokens_per_s"] if pre else None,
     }
-    from sigma_moe.model import SigmaMoEConfig  # noqa: F401  (sizes below)
     from sigma_moe.train.engine import build_model_config
 
-    tgt_active = build_model_config(slm_cfg, 8192).num_active_params()
-    ref_cfg_for_size = load_config(CONFIGS / "ref-demo.yaml")
-    ref_active = build_model_config(ref_cfg_for_size, 8192).num_active_params()
-    results.update(
-        {
-            "clm_clean_val_loss": _clean_val(clm["summary"]),
-            "slm_clean_val_loss": _clean_val(slm["summary"]),
-            "slm_prefilled_clean_val_loss": _clean_val(pre["summary"]) if pre else None,
-            "clm_last_eval": clm["summary"].get("last_eval"),
-            "slm_last_eval": slm["summary"].get("last_eval"),
-            "noise_selected_frac": frac(noise_names),
-            "clean_selected_frac": frac(clean_names),
-            "selected_frac_by_domain": {n: frac([n]) for n in names},
-            "select_ratio": args.select_ratio,
-            "noise_share": args.noise_share,
-            "steps": args.steps,
-            "tokens_per_run": slm["tokens"],
-            "tokens_per_s": tp,
-            "tokens_per_s_wall": {
-                "none": clm["tokens_per_s_wall"],
-                "live_scorer": slm["tokens_per_s_wall"],
-                "prefilled": pre["tokens_per_s_wall"] if pre else None,
-            },
-            "throughput_ratio_live_vs_none": tp["live_scorer"] / tp["none"],
-            "throughput_ratio_prefilled_vs_none": (tp["prefilled"] / tp["none"]) if pre else None,
-            "throughput_ratio_live_vs_prefilled": (tp["live_scorer"] / tp["prefilled"])
-            if pre
-            else None,
-            "scorer": sel.get("scorer"),
-            "prefill": pre["prefill"] if pre else None,
-            "target_active_params": tgt_active,
-            "reference_active_params": ref_active,
-            "cpu_count": os.cpu_count(),
-        }
-    )
+    # active parameters at the bundled tokenizer's vocabulary size (the demo recipes use it)
+    tgt_active = build_model_config(slm_cfg, BUNDLED_VOCAB_SIZE).num_active_params()
+    ref_cfg = load_config(config_path("ref-demo.yaml"))
+    ref_active = build_model_config(ref_cfg, BUNDLED_VOCAB_SIZE)
+    return {
+        "clm_clean_val_loss": _clean_val(clm["summary"]),
+        "slm_clean_val_loss": _clean_val(slm["summary"]),
+        "slm_prefilled_clean_val_loss": _clean_val(pre["summary"]) if pre else None,
+        "clm_last_eval": clm["summary"].get("last_eval"),
+        "slm_last_eval": slm["summary"].get("last_eval"),
+        "noise_selected_frac": frac(noise_names),
+        "clean_selected_frac": frac(clean_names),
+        "selected_frac_by_domain": {n: frac([n]) for n in names},
+        "select_ratio": args.select_ratio,
+        "noise_share": args.noise_share,
+        "steps": args.steps,
+        "tokens_per_run": slm["tokens"],
+        "tokens_per_s": tp,
+        "tokens_per_s_wall": {
+            "none": clm["tokens_per_s_wall"],
+            "live_scorer": slm["tokens_per_s_wall"],
+            "prefilled": pre["tokens_per_s_wall"] if pre else None,
+        },
+        "throughput_ratio_live_vs_none": tp["live_scorer"] / tp["none"],
+        "throughput_ratio_prefilled_vs_none": (tp["prefilled"] / tp["none"]) if pre else None,
+        "throughput_ratio_live_vs_prefilled": (tp["live_scorer"] / tp["prefilled"])
+        if pre
+        else None,
+        "scorer": sel.get("scorer"),
+        "prefill": pre["prefill"] if pre else None,
+        "target_active_params": tgt_active,
+        "reference_active_params": ref_active.num_active_params(),
+        "cpu_count": os.cpu_count(),
+    }
 
-    # 4. token colouring
+
+def _colour_tokens(args, out: Path, ref_path, slm_cfg) -> dict[str, Any]:
+    """Step 4: a few validation passages coloured by selected / rejected tokens (HTML, PNG)."""
     try:
         passages = _passages(out / "slm" / "checkpoints", ref_path, slm_cfg, args.select_ratio)
         _write_html(passages, out / "rho1_tokens.html", args.select_ratio)
         _write_png(passages, out / "rho1_tokens.png")
-        results["passages"] = [
-            {
-                "domain": p["domain"],
-                "selected_frac": sum(t["selected"] for t in p["tokens"]) / max(1, len(p["tokens"])),
-            }
-            for p in passages
-        ]
+        return {
+            "passages": [
+                {
+                    "domain": p["domain"],
+                    "selected_frac": sum(t["selected"] for t in p["tokens"])
+                    / max(1, len(p["tokens"])),
+                }
+                for p in passages
+            ]
+        }
     except Exception as e:  # the figures must not lose the numbers
         print(f"[rho1_demo] token colouring skipped: {type(e).__name__}: {e}", file=sys.stderr)
-    results["total_wall_s"] = time.perf_counter() - t_all
-    (out / "rho1_results.json").write_text(json.dumps(results, indent=1, default=str))
-    table = format_table(results)
-    (out / "rho1_table.md").write_text(table)
-    print(table, file=sys.stderr)
-    return results
+        return {}
 
 
 def measure_throughput(
@@ -432,16 +451,13 @@ def measure_throughput(
     """Whole-run tokens/s of mode=none vs excess with the live scorer vs excess from a prefilled
     store, interleaved (none, live, prefilled, none, …) so a shared machine's load drifts into
     every variant alike. Writes ``out/rho1_throughput.json``."""
-    from sigma_moe.config import load_config
-    from sigma_moe.rho1.scorer import prefill
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     args = argparse.Namespace(
         steps=steps, noise_share=noise_share, seed=seed, progress=False, select_ratio=select_ratio
     )
     base = _sets(args) + ["train.eval_every=100000"]
-    cfg_file = CONFIGS / "demo-cpu.yaml"
+    cfg_file = config_path("demo-cpu.yaml")
     slm = base + [
         "rho1.mode=excess",
         f"rho1.select_ratio={select_ratio}",

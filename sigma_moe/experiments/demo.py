@@ -14,32 +14,26 @@ import time
 from pathlib import Path
 
 from sigma_moe.config import load_config
+from sigma_moe.data.bundled import ensure_bundled_data
+from sigma_moe.train import loop
+from sigma_moe.train.callbacks import require_complete
+from sigma_moe.train.report import write_report
 
-REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-def _config_path(name: str) -> Path:
-    p = REPO_CONFIGS / name
-    if not p.is_file():
-        raise FileNotFoundError(f"recipe {p} not found (run the demo from a sigma-moe checkout)")
-    return p
+from . import config_path
+from . import rho1 as rho1_experiment
 
 
 def run_demo(out: Path, steps: int | None = None, rho1: bool = True, resume: str = "none") -> dict:
-    from sigma_moe.data.bundled import ensure_bundled_data
-    from sigma_moe.train.callbacks import require_complete
-    from sigma_moe.train.loop import run_training
-
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     print(f"[demo] bundled corpus and datasets: {ensure_bundled_data()}", file=sys.stderr)
     overrides = [f"train.max_steps={steps}"] if steps else []
-    cfg = load_config(_config_path("demo-cpu.yaml"), overrides)
+    cfg = load_config(config_path("demo-cpu.yaml"), overrides)
     print(
         f"[demo] training the demo-cpu MoE ({cfg.train.max_steps} steps) into {out / 'moe'}",
         file=sys.stderr,
     )
-    summary = run_training(cfg, out / "moe", resume=resume)
+    summary = loop.run_training(cfg, out / "moe", resume=resume)
     hint = f"sigma-moe demo --out {out}" + (f" --steps {steps}" if steps else "")
     hint += ("" if rho1 else " --no-rho1") + " --resume auto"
     require_complete(summary, "demo-cpu MoE", out / "moe", hint)
@@ -47,13 +41,9 @@ def run_demo(out: Path, steps: int | None = None, rho1: bool = True, resume: str
     first, last = summary["first_eval"]["val_loss"], summary["last_eval"]["val_loss"]
     result["val_loss_drop_pct"] = 100 * (1 - last / first)
     if rho1:
-        from sigma_moe.rho1.experiment import run_rho1_experiment
-
-        result["rho1"] = run_rho1_experiment(
+        result["rho1"] = rho1_experiment.run_rho1_experiment(
             out / "rho1", steps=steps, resume=resume, resume_hint=hint
         )
-    from sigma_moe.train.report import write_report
-
     report = write_report(out / "moe")
     result["wall_time_s"] = time.perf_counter() - t0
     (out / "demo_summary.json").write_text(json.dumps(result, indent=1, default=str))
