@@ -3,9 +3,9 @@ grouped SwiGLU experts → (all-to-all back) → unpermute + weighted combine.
 
 DeepSpeed only reduces expert gradients over the expert-data-parallel group, and only writes
 per-rank expert files in checkpoints, for modules that are instances of
-`deepspeed.moe.layer.MoE` (checked with DeepSpeed 0.19.8: it tests `isinstance(m, MoE)`). So the layer is a
-thin subclass of it that skips its constructor and keeps our stacked local experts where
-DeepSpeed looks for them: `deepspeed_moe.experts.deepspeed_experts[0]`.
+`deepspeed.moe.layer.MoE` (DeepSpeed 0.19.8's engine tests `isinstance(module, MoE)`). So the
+layer is a thin subclass of it that skips its constructor and keeps our stacked local experts
+where DeepSpeed looks for them: `deepspeed_moe.experts.deepspeed_experts[0]`.
 """
 
 from __future__ import annotations
