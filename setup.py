@@ -14,7 +14,7 @@ HERE = Path(__file__).parent
 
 def _requirements() -> list[str]:
     lines = (HERE / "requirements.txt").read_text().splitlines()
-    dev_only = ("pytest", "ruff")
+    dev_only = ("pytest", "ruff", "import-linter")
     return [
         ln.strip()
         for ln in lines

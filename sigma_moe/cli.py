@@ -9,11 +9,12 @@ import sys
 from pathlib import Path
 
 import sigma_moe
+from sigma_moe.errors import StopTraining
 
 
 def _train(args: argparse.Namespace) -> int:
     from sigma_moe.config import load_config
-    from sigma_moe.mixing.run import run_training  # data.mixing.kind picks the sampler
+    from sigma_moe.run import run_training  # the config picks the objective and the sampler
 
     cfg = load_config(args.config, args.set)
     out = Path(args.out or Path("runs") / Path(args.config).stem)
@@ -229,10 +230,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"sigma-moe {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:
+    except StopTraining as e:
         # A run stopped on purpose (NaN policy, scorer, a stopped stage) or a checkpoint that
         # could not be written: the message names what to resume from; no traceback needed.
-        if not _is_stop(e) or os.environ.get("SIGMA_MOE_TRACEBACK"):
+        if os.environ.get("SIGMA_MOE_TRACEBACK"):
             raise
         print(f"sigma-moe {args.command}: stopped: {e}", file=sys.stderr)
         return 1
@@ -241,11 +242,6 @@ def main(argv: list[str] | None = None) -> int:
             f"sigma-moe {args.command}: interrupted{f' ({e})' if str(e) else ''}", file=sys.stderr
         )
         return 130
-
-
-def _is_stop(e: BaseException) -> bool:
-    names = {c.__name__ for c in type(e).__mro__}
-    return bool(names & {"TrainingStopped", "CheckpointError", "StageInterrupted"})
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@
 straight to ``sigma_moe.train.loop.run_training`` (megatron's blend, unchanged); an online kind
 passes a data policy that builds one stream per domain (``build_domain_streams``), the mixer,
 and — for online-doremi without Rho-1 selection — the reference scorer that puts ``ref_loss``
-into every batch. With Rho-1 selection on, its callback already does that (the same store and
-scorer), so the mixer reads the excess loss of the same reference.
+into every batch. With Rho-1 selection on, its objective already does that (the same store and
+scorer), so the mixer reads the excess loss of the same reference. The Rho-1 objective itself is
+built one layer up, by the run assembly ``sigma_moe.run``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from sigma_moe.mixing.online import DoReMiSampler, Exp3Sampler
 from sigma_moe.rho1.reference import check_reference_tokenizer
 from sigma_moe.rho1.scorer import ScorerSupervisor
 from sigma_moe.train import loop
+from sigma_moe.train.hooks import Callback, Objective
 from sigma_moe.train.sampling import Sampler
 
 
@@ -44,7 +46,7 @@ def build_sampler(cfg: RunConfig, domain_names: list[str]) -> Sampler:
     raise ValueError(f"config key 'data.mixing.kind': {m.kind!r} is not an online mixer")
 
 
-class DoReMiReference:
+class DoReMiReference(Callback):
     """Callback (online-doremi with rho1.mode=none): per-token reference losses for every batch
     from the Rho-1 scorer (inline, into the run's reference-loss store)."""
 
@@ -63,11 +65,11 @@ class DoReMiReference:
             mode="inline",
             device=str(trainer.world.device),
         ).start()
-        trainer.ref_losses = self._ref_losses
 
-    def _ref_losses(self, b):
-        keys = list(zip(b["domain"].tolist(), b["sample_index"].tolist()))
-        return self.sup.wait_for(keys)
+    def on_batches(self, trainer, batches) -> None:
+        for b in batches:
+            keys = list(zip(b["domain"].tolist(), b["sample_index"].tolist()))
+            b["ref_loss"] = self.sup.wait_for(keys).to(trainer.world.device)
 
     def on_train_end(self, trainer, last) -> None:
         if self.sup is not None:
@@ -102,9 +104,12 @@ def run_training(
     out_dir: str | Path,
     resume: str = "none",
     extra_callbacks: list | None = None,
+    objective: Objective | None = None,
 ) -> dict[str, Any]:
     """``sigma_moe.train.loop.run_training`` with the sampler ``data.mixing.kind`` names."""
     if cfg.data.mixing.kind == "static":
-        return loop.run_training(cfg, out_dir, resume, extra_callbacks)
+        return loop.run_training(cfg, out_dir, resume, extra_callbacks, objective=objective)
     policy = functools.partial(online_data_policy, out_dir=Path(out_dir))
-    return loop.run_training(cfg, out_dir, resume, extra_callbacks, data_policy=policy)
+    return loop.run_training(
+        cfg, out_dir, resume, extra_callbacks, data_policy=policy, objective=objective
+    )

@@ -1,17 +1,18 @@
-"""The trainer's Rho-1 hook-up: one callback that owns the scorer and the selection.
+"""The trainer's Rho-1 objective: one object that owns the scorer and the selection.
 
-``Rho1Callback(cfg, out_dir, world)`` is added to the trainer's callbacks when
-``rho1.mode != "none"``. On ``on_train_start`` it starts a ``ScorerSupervisor`` (the side process
-on local rank 0 of each node, followers on the node's other ranks; or inline / prefilled) and
-installs three functions on the trainer (``sigma_moe.train.loop.Trainer``):
+``Rho1Callback(cfg, out_dir, world)`` is the training ``Objective`` of a run with
+``rho1.mode != "none"`` (the run assembly, ``sigma_moe.run``, passes it to
+``sigma_moe.train.loop.run_training``), and a ``Callback`` for the scorer's lifetime. On
+``on_train_start`` it starts a ``ScorerSupervisor`` (the side process on local rank 0 of each
+node, followers on the node's other ranks; or inline / prefilled). Then, each step:
 
-- ``trainer.ref_losses(batch) -> ref_loss_BS`` (float32, CPU): waits (bounded) for the batch's
-  rows; every rank agrees on success, so a scorer failure raises ``ScorerError`` on all ranks at
-  the same call (no rank is left blocked in a collective);
-- ``trainer.weight_sum(n_valid[dp, accum]) -> float``: Σ token weights of the global batch from
-  the valid-token counts alone (the loss denominator, before any forward);
-- ``trainer.token_weights(ce_BS, batch, valid_BS) -> (weights_BS, metrics)``: the selection for
-  one micro-batch (threshold over the micro-batch, or over the data-parallel group in the same
+- ``on_batches``: puts ``ref_loss`` (float32) into every micro-batch: waits (bounded) for the
+  batch's rows; every rank agrees on success, so a scorer failure raises ``ScorerError`` on all
+  ranks at the same call (no rank is left blocked in a collective), before any forward;
+- ``weight_sum(n_valid[dp, accum]) -> float``: Σ token weights of the global batch from the
+  valid-token counts alone (the loss denominator, before any forward);
+- ``token_weights(ce_BS, batch, valid_BS) -> (weights_BS, metrics)``: the selection for one
+  micro-batch (threshold over the micro-batch, or over the data-parallel group in the same
   micro-step with ``rho1.threshold_scope=global``) and the step's selection metrics so far
   (``selected_frac``, ``selected_frac/<domain>``, ``excess_loss_selected``,
   ``excess_loss_rejected``, ``scorer_wait_s``; this rank's micro-batches).
@@ -19,11 +20,13 @@ installs three functions on the trainer (``sigma_moe.train.loop.Trainer``):
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from sigma_moe.rho1.scorer import ScorerError, ScorerSupervisor
 from sigma_moe.rho1.selection import (
@@ -35,6 +38,7 @@ from sigma_moe.rho1.selection import (
     token_weights,
     weight_sum,
 )
+from sigma_moe.train.hooks import Callback, Objective
 
 
 def default_store_path(cfg, out_dir: str | os.PathLike) -> Path:
@@ -49,7 +53,7 @@ def _node_ranks(world) -> list[int] | None:
     return list(range(first, first + int(lws)))
 
 
-class Rho1Callback:
+class Rho1Callback(Callback, Objective):
     def __init__(
         self, cfg, out_dir: str | os.PathLike, world=None, *, num_threads: int | None = None
     ):
@@ -69,11 +73,6 @@ class Rho1Callback:
     def on_train_start(self, trainer) -> None:
         if self.r.mode == "none":
             return
-        if getattr(trainer, "_rho1_callback", None) not in (None, self):
-            return  # another Rho1Callback already serves this trainer (idempotent wiring)
-        trainer._rho1_callback = self
-        import torch.distributed as dist
-
         if self.world is None:
             self.world = trainer.world
         dp = trainer.dp
@@ -94,9 +93,12 @@ class Rho1Callback:
         self._domain_names = list(trainer.train_ds.domain_names)
         self.sup.advance(trainer.state.consumed_samples)
         self._agree(self.sup.start)
-        trainer.ref_losses = lambda b: self._ref_losses(trainer, b)
-        trainer.weight_sum = self._weight_sum
-        trainer.token_weights = lambda ce, b, v: self._token_weights(trainer, ce, b, v)
+
+    def on_batches(self, trainer, batches) -> None:
+        if self.sup is None:
+            return
+        for b in batches:
+            b["ref_loss"] = self._ref_losses(trainer, b).to(trainer.world.device)
 
     def on_step_end(self, trainer, m) -> None:
         if self.sup is not None:
@@ -112,8 +114,6 @@ class Rho1Callback:
         self.sup.close()
         self.sup = None
         if self.run_stats:
-            import json
-
             totals = metrics_from_stats(self.run_stats, self._domain_names)
             doc = {
                 "rank": self.world.rank,
@@ -135,8 +135,6 @@ class Rho1Callback:
 
     def _agree(self, fn, *args):
         """Run fn on every rank; if it fails anywhere, raise ScorerError everywhere."""
-        import torch.distributed as dist
-
         err: BaseException | None = None
         out = None
         try:
@@ -161,8 +159,10 @@ class Rho1Callback:
         self._wait_step += self.sup.last_wait_s
         return rows
 
-    def _weight_sum(self, n_all) -> float:
+    def weight_sum(self, n_all) -> float:
         """n_all: [dp, accum] valid-token counts of the global batch."""
+        if self.r.mode == "none":
+            return super().weight_sum(n_all)
         n = torch.as_tensor(n_all, dtype=torch.float64).reshape(-1, n_all.shape[-1])
         kw = dict(
             mode=self.r.mode, ratio=self.r.select_ratio, unselected_weight=self.r.unselected_weight
@@ -171,7 +171,9 @@ class Rho1Callback:
             return float(sum(weight_sum(int(c), **kw) for c in n.sum(dim=0).tolist()))
         return float(sum(weight_sum(int(c), **kw) for c in n.reshape(-1).tolist()))
 
-    def _token_weights(self, trainer, ce_BS, b, valid_BS) -> tuple[torch.Tensor, dict[str, Any]]:
+    def token_weights(self, ce_BS, b, valid_BS) -> tuple[torch.Tensor, dict[str, Any]]:
+        if self.r.mode == "none":
+            return super().token_weights(ce_BS, b, valid_BS)
         ref_BS = b["ref_loss"].to(ce_BS.device, torch.float32)
         w, sel = token_weights(
             ce_BS,

@@ -26,6 +26,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from sigma_moe.data.tokenizer import _canonical_fingerprint, load_tokenizer
+from sigma_moe.model import SigmaMoEForCausalLM
+from sigma_moe.train.checkpoint import load_model_for_inference
+from sigma_moe.train.integrity import resolve_checkpoint
+
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
@@ -71,8 +76,6 @@ def _weights_fingerprint(folder: Path, text_files: list[Path]) -> str:
 
 
 def _tokenizer_fp(tokenizer: Any) -> tuple[str | None, int]:
-    from sigma_moe.data.tokenizer import load_tokenizer
-
     tok = load_tokenizer(tokenizer)
     return tok.fingerprint, tok.vocab_size
 
@@ -107,8 +110,6 @@ def load_reference(
 
 def _checked_checkpoint(p: Path, tok_fp: str) -> tuple[Path, str]:
     """Our checkpoint folder behind `p` and its tokenizer fingerprint, which must be `tok_fp`."""
-    from sigma_moe.train.checkpoint import resolve_checkpoint
-
     try:
         ckpt = resolve_checkpoint(p)
     except FileNotFoundError as e:
@@ -127,8 +128,6 @@ def _checked_checkpoint(p: Path, tok_fp: str) -> tuple[Path, str]:
 
 
 def _load_ours(p: Path, tok_fp: str, device) -> ReferenceModel:
-    from sigma_moe.train.checkpoint import load_model_for_inference
-
     # Check the tokenizer before building the model: cheap and the clearer error.
     ckpt, ref_tok = _checked_checkpoint(p, tok_fp)
     model, _cfg, meta = load_model_for_inference(ckpt, device=device)
@@ -145,9 +144,8 @@ def _load_ours(p: Path, tok_fp: str, device) -> ReferenceModel:
 
 
 def _load_hf(p: Path, tok_fp: str, tok_vocab: int, device) -> ReferenceModel:
+    # transformers loads in ~3 s: only when the reference is one of its folders.
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from sigma_moe.data.tokenizer import _canonical_fingerprint
 
     hf_cfg = AutoConfig.from_pretrained(p, local_files_only=True)
     vocab = int(getattr(hf_cfg, "vocab_size", 0) or 0)
@@ -189,8 +187,6 @@ def _load_hf(p: Path, tok_fp: str, tok_vocab: int, device) -> ReferenceModel:
 def check_reference_tokenizer(path: str | os.PathLike, tokenizer: Any = "bundled") -> None:
     """The tokenizer checks of ``load_reference`` without loading the model (cheap; the trainer
     runs it before spawning the scorer so a mismatch fails at once)."""
-    from sigma_moe.data.tokenizer import _canonical_fingerprint
-
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"rho1.reference {str(p)!r} does not exist")
@@ -221,8 +217,6 @@ def reference_fingerprint(path: str | os.PathLike) -> str:
     p = Path(path).expanduser()
     if is_hf_folder(p):
         return f"transformers:{_weights_fingerprint(p, [p / 'config.json'])}"
-    from sigma_moe.train.checkpoint import resolve_checkpoint
-
     ckpt = resolve_checkpoint(p)
     return f"sigma-moe:{_weights_fingerprint(ckpt, [ckpt / 'meta.json', ckpt / 'config.yaml'])}"
 
@@ -246,8 +240,6 @@ def score_batch(
     dev = next(model.parameters()).device
     ids = input_ids_BS.to(dev)
     labels = labels_BS.to(dev)
-    from sigma_moe.model import SigmaMoEForCausalLM
-
     base = getattr(model, "_orig_mod", model)
     if isinstance(base, SigmaMoEForCausalLM):
         out = model(

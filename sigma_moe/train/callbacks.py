@@ -1,7 +1,6 @@
 """Callbacks around the thin loop: metrics.jsonl, progress bar, wandb, eval, checkpoints, NaN
-policy, end-of-run summary and plots. Each implements any of `on_train_start(trainer)`,
-`on_step_end(trainer, metrics)`, `on_log(trainer, metrics)`, `on_train_end(trainer, last)`, and
-`on_resume(trainer)` (called before every `on_train_start`)."""
+policy, end-of-run summary and plots. Each is a `sigma_moe.train.hooks.Callback` (its hooks and
+their order are documented there)."""
 
 from __future__ import annotations
 
@@ -13,19 +12,23 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sigma_moe.errors import StageInterrupted
 from sigma_moe.train.checkpoint import Checkpointer, NanGuard
 from sigma_moe.train.domain_stats import ExpertLoadByDomain
+from sigma_moe.train.hooks import Callback
+
+__all__ = ["StageInterrupted", "default_callbacks", "format_summary", "require_complete"]
 
 
 def _log(trainer, metrics: dict[str, Any]) -> None:
-    trainer._call("on_log", metrics)
+    trainer.log(metrics)
 
 
 def _is_boundary(step: int, every: int, last: int) -> bool:
     return step % every == 0 or step == last
 
 
-class MetricsWriter:
+class MetricsWriter(Callback):
     """metrics.jsonl on rank 0: a line every `train.log_every` steps, plus eval lines."""
 
     def __init__(self, path: Path):
@@ -40,7 +43,7 @@ class MetricsWriter:
             f.write(json.dumps(m) + "\n")
 
 
-class ProgressBar:
+class ProgressBar(Callback):
     def __init__(self):
         self.bar = None
 
@@ -74,7 +77,7 @@ class ProgressBar:
             self.bar.close()
 
 
-class WandbLogger:
+class WandbLogger(Callback):
     def __init__(self, cfg, out_dir: Path):
         self.cfg, self.out_dir, self.run = cfg, out_dir, None
 
@@ -103,7 +106,7 @@ class WandbLogger:
             self.run.finish()
 
 
-class Evaluator:
+class Evaluator(Callback):
     """Per-domain validation loss every `train.eval_every` steps and at the end (all ranks)."""
 
     def __init__(self):
@@ -126,7 +129,7 @@ class Evaluator:
             self._eval(trainer)
 
 
-class Summary:
+class Summary(Callback):
     """End-of-run table (rank 0) and plots; the dict goes to summary.json and run_training."""
 
     def __init__(self, out_dir: Path):
@@ -215,11 +218,6 @@ def format_summary(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-class StageInterrupted(RuntimeError):
-    """A stage of a multi-stage command (demo, Rho-1 experiment) stopped before its last step
-    (Ctrl-C, SIGTERM): the command stops after it, and its numbers are not reported."""
-
-
 def require_complete(summary: dict[str, Any], stage: str, run_dir: Path, resume_hint: str) -> None:
     """Raise StageInterrupted unless `summary` (run_training's) is of a finished run."""
     if summary.get("complete", False):
@@ -232,15 +230,17 @@ def require_complete(summary: dict[str, Any], stage: str, run_dir: Path, resume_
     )
 
 
-def default_callbacks(cfg, out_dir: Path, world, resume: str) -> list:
+def default_callbacks(
+    cfg, out_dir: Path, world, resume: str, policy: list[Callback] | None = None
+) -> list[Callback]:
+    """The run's callbacks in hook order; `policy`: the callbacks of a data-centric policy (the
+    Rho-1 objective) go right after the checkpointer, so they start after a resume restored the
+    step, and they end before the summary (whose plots read the Rho-1 selection counts)."""
     ck = Checkpointer(cfg, out_dir, world, resume)
     # Order matters on step end: evaluate first, so a checkpoint carries that step's eval (and
     # the domain × expert counts up to that step).
-    cbs: list = [Evaluator(), ExpertLoadByDomain(out_dir), NanGuard(cfg, ck), ck]
-    if cfg.rho1.mode != "none":
-        from sigma_moe.rho1.callback import Rho1Callback
-
-        cbs.append(Rho1Callback(cfg, out_dir, world))
+    cbs: list[Callback] = [Evaluator(), ExpertLoadByDomain(out_dir), NanGuard(cfg, ck), ck]
+    cbs += policy or []
     if world.is_main:
         cbs.append(MetricsWriter(out_dir / "metrics.jsonl"))
         if cfg.logging.progress:

@@ -47,13 +47,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import yaml
 
+from sigma_moe import errors
+from sigma_moe.config import config_from_dict, save_config
+from sigma_moe.data.tokenizer import load_tokenizer
+from sigma_moe.model import SigmaMoEForCausalLM
 from sigma_moe.model.checkpoint_io import (  # the weight reader lives with the model
     load_full_state_dict,
     model_config_record,
 )
+from sigma_moe.train import reshape
 from sigma_moe.train.ckpt_state import (  # noqa: F401  (re-exported)
     SHAPE_FIELDS,
     build_meta,
@@ -67,7 +71,11 @@ from sigma_moe.train.ckpt_state import (  # noqa: F401  (re-exported)
     set_rng_state,
     shape_mismatch,
 )
-from sigma_moe.train.integrity import (  # noqa: F401  (re-exported: reshape, rho1, tests)
+from sigma_moe.train.collectives import agree_any, barrier, broadcast
+from sigma_moe.train.engine import build_model_config
+from sigma_moe.train.fs import fsync_dir, log, write_atomic
+from sigma_moe.train.hooks import Callback
+from sigma_moe.train.integrity import (  # noqa: F401  (re-exported: rho1, tests)
     META,
     UNIVERSAL,
     checkpoint_problem,
@@ -82,8 +90,7 @@ from sigma_moe.train.integrity import (  # noqa: F401  (re-exported: reshape, rh
 _REPEAT_S = 0.5
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written; the message names it and the one that survives."""
+CheckpointError = errors.CheckpointError  # re-exported: the message names the one that survives
 
 
 class NonFiniteWeights(CheckpointError):
@@ -95,21 +102,12 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 # --------------------------------------------------------------------------- inference loading
 
 
 def load_model_for_inference(path: str | Path, device: str | torch.device = "cpu"):
     """Build the model of a checkpoint (all experts, EP=1) and load its weights, without
     DeepSpeed. Returns (model in eval mode, run config dict, meta dict)."""
-    from sigma_moe.config import config_from_dict
-    from sigma_moe.data.tokenizer import load_tokenizer
-    from sigma_moe.model import SigmaMoEForCausalLM
-    from sigma_moe.train.engine import build_model_config
-
     ckpt = resolve_checkpoint(path)
     meta = read_meta(ckpt)
     cfg_dict = yaml.safe_load((ckpt / "config.yaml").read_text())
@@ -131,53 +129,6 @@ def load_model_for_inference(path: str | Path, device: str | torch.device = "cpu
     return model.float().to(device).eval(), cfg_dict, meta
 
 
-# --------------------------------------------------------------------------- collectives
-
-
-def _agree_any(flag: bool) -> bool:
-    """True on every rank if `flag` is True on any rank."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
-def _broadcast(obj):
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _optimizer_param_names(trainer) -> list[list[str]] | None:
     """Without ZeRO the optimizer state is indexed by parameter position (DeepSpeed's
     `expp_rank_*_optim_states.pt`): record the names in that order so a reshape can map them.
@@ -194,7 +145,7 @@ def _optimizer_param_names(trainer) -> list[list[str]] | None:
 # --------------------------------------------------------------------------- callbacks
 
 
-class Checkpointer:
+class Checkpointer(Callback):
     """Save every `checkpoint.every` steps, at the end and on SIGTERM/SIGINT (the ranks agree on
     `trainer.stop_requested`, this saves, the loop exits); resume before training starts.
 
@@ -223,7 +174,7 @@ class Checkpointer:
             return
         for p in self.root.iterdir():
             if p.name.startswith("step_") and (".tmp-" in p.name or ".old-" in p.name):
-                _log(f"[checkpoint] removing unfinished save {p}")
+                log(f"[checkpoint] removing unfinished save {p}")
                 shutil.rmtree(p, ignore_errors=True)
 
     def _install_stop_handlers(self, trainer) -> None:
@@ -249,7 +200,7 @@ class Checkpointer:
                 return
             self._signal, self._signal_t = name, now
             if self.world.is_main:
-                _log(
+                log(
                     f"[checkpoint] {name}: stopping after this step with a checkpoint "
                     "(Ctrl-C again to stop at once)"
                 )
@@ -273,9 +224,9 @@ class Checkpointer:
             raise
 
     def _resume(self, trainer) -> None:
-        self._pid0 = _broadcast(os.getpid())
+        self._pid0 = broadcast(os.getpid())
         self._clean_stale()
-        _barrier()
+        barrier()
         if self.resume in (None, "none"):
             return
         target = self.root if self.resume == "auto" else Path(self.resume)
@@ -287,11 +238,11 @@ class Checkpointer:
                 choice = str(resolve_checkpoint(target))
             except FileNotFoundError as e:
                 err = str(e)
-        choice, err = _broadcast((choice, err))
+        choice, err = broadcast((choice, err))
         if choice is None:
             if self.resume == "auto" and not list_checkpoints(self.root):
                 if self.world.is_main:
-                    _log(f"[resume] no complete checkpoint under {self.root}; starting fresh")
+                    log(f"[resume] no complete checkpoint under {self.root}; starting fresh")
                 return
             raise FileNotFoundError(err)
         self.load(trainer, Path(choice))
@@ -324,7 +275,7 @@ class Checkpointer:
                 if k in data_now and data_now[k] != v
             ]
             if changed:
-                _log(
+                log(
                     f"[resume] warning: {', '.join(changed)} changed since checkpoint {ckpt}: "
                     "the data order after the resume point differs from the original run's"
                 )
@@ -339,8 +290,6 @@ class Checkpointer:
         }
 
     def load(self, trainer, ckpt: Path) -> None:
-        from sigma_moe.train import reshape
-
         meta = read_meta(ckpt)
         self._check_compatible(trainer, ckpt, meta)
         same_layout = (
@@ -368,7 +317,7 @@ class Checkpointer:
             st = client["train_state"]
         else:
             if self.world.is_main:
-                _log(
+                log(
                     f"[resume] reshaping {ckpt} (ep_size {meta.get('ep_size')}, "
                     f"{meta.get('world_size') or '-'} processes) to ep_size "
                     f"{self.cfg.parallel.ep_size} on {self.world.world_size} processes"
@@ -382,7 +331,7 @@ class Checkpointer:
             set_rng_state(torch.load(rng, weights_only=False))
         self.last_saved = trainer.state.step
         if self.world.is_main:
-            _log(f"[resume] from {ckpt} (step {trainer.state.step})")
+            log(f"[resume] from {ckpt} (step {trainer.state.step})")
             self._trim_metrics(trainer.state.step)
 
     def _trim_metrics(self, step: int) -> None:
@@ -402,8 +351,8 @@ class Checkpointer:
             else:
                 keep.append(line)
         if dropped:
-            _write_atomic(path, "".join(keep))
-            _log(f"[resume] metrics.jsonl: dropped {dropped} line(s) after step {step}")
+            write_atomic(path, "".join(keep))
+            log(f"[resume] metrics.jsonl: dropped {dropped} line(s) after step {step}")
 
     # ---------------------------------------------------------------- save
 
@@ -432,7 +381,7 @@ class Checkpointer:
         step = trainer.state.step
         tag = tag_for(step)
         if self._pid0 is None:
-            self._pid0 = _broadcast(os.getpid())
+            self._pid0 = broadcast(os.getpid())
         tmp_tag = f"{tag}.tmp-{self._pid0}"
         tmp, final = self.root / tmp_tag, self.root / tag
         self._refuse_nonfinite(trainer, final)
@@ -445,18 +394,18 @@ class Checkpointer:
             torch.save(rng_state(), tmp / f"rng_rank{self.world.rank}.pt")
         except Exception as e:  # disk full, permissions, ...: every rank must learn about it
             err = e
-        failed = _agree_any(err is not None)
+        failed = agree_any(err is not None)
         if not failed and self.world.is_main:
             try:
                 self._publish(trainer, tmp, final, tag)
             except Exception as e:
                 err = e
-        failed = _agree_any(err is not None)
+        failed = agree_any(err is not None)
         if failed:
             self.failed = True
             if self.world.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
-            _barrier()
+            barrier()
             kept = self._surviving()
             why = f"{err}" if err is not None else "another rank failed to write its part"
             hint = (
@@ -467,7 +416,7 @@ class Checkpointer:
             raise CheckpointError(
                 f"could not write checkpoint {final} at step {step}: {why}{hint}; {kept}"
             ) from err
-        _barrier()
+        barrier()
         self.last_saved = step
         return final
 
@@ -481,7 +430,7 @@ class Checkpointer:
     def _refuse_nonfinite(self, trainer, final: Path) -> None:
         """Never publish NaN/Inf weights as a checkpoint (every rank checks its own shard)."""
         bad = nonfinite_parameter(trainer.model)
-        if not _agree_any(bad is not None):
+        if not agree_any(bad is not None):
             return
         self.failed = True  # no save at the end of the run either
         raise NonFiniteWeights(
@@ -492,23 +441,21 @@ class Checkpointer:
         )
 
     def _publish(self, trainer, tmp: Path, final: Path, tag: str) -> None:
-        from sigma_moe.config import save_config
-
         save_config(self.cfg, tmp / "config.yaml")
         meta = self._meta(trainer, tmp)
         with open(tmp / META, "w") as f:
             f.write(json.dumps(meta, indent=1))
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         old = None
         if final.exists():  # e.g. a damaged checkpoint of this step that the resume skipped
             old = final.with_name(f"{final.name}.old-{os.getpid()}")
             os.rename(final, old)
         os.rename(tmp, final)
-        _fsync_dir(self.root)
-        _write_atomic(self.root / "latest", tag)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
+        write_atomic(self.root / "latest", tag)
+        fsync_dir(self.root)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         self._prune(keep=final)
@@ -523,12 +470,12 @@ class Checkpointer:
         step = m["step"]
         if self.world.world_size > 1:  # every rank stops after the same step (see above)
             local = self._signal or trainer.stop_requested
-            if _agree_any(local is not None) and trainer.stop_requested is None:
+            if agree_any(local is not None) and trainer.stop_requested is None:
                 trainer.stop_requested = local or "signal on another rank"
         if step % self.cfg.checkpoint.every == 0 or trainer.stop_requested is not None:
             self.save(trainer)
             if trainer.stop_requested is not None and self.world.is_main:
-                _log(
+                log(
                     f"[checkpoint] {trainer.stop_requested}: saved step {step}; stopping "
                     "(resume with --resume auto)"
                 )
@@ -540,13 +487,13 @@ class Checkpointer:
         if trainer.state.step > 0 and self.last_saved != trainer.state.step:
             self.save(trainer)
             if trainer.stop_requested is not None and self.world.is_main:
-                _log(
+                log(
                     f"[checkpoint] {trainer.stop_requested}: saved step {trainer.state.step}; "
                     "stopping (resume with --resume auto)"
                 )
 
 
-class NanGuard:
+class NanGuard(Callback):
     """`train.nan_policy`: skip (up to `nan_max_skips` non-finite steps, weights untouched) or
     stop; stopping saves a checkpoint of the last good weights first (its step counter is past
     the bad batch, so a resume does not replay it)."""
@@ -560,8 +507,6 @@ class NanGuard:
         trainer.state.nan_skips += 1
         tr = self.cfg.train
         if tr.nan_policy == "stop" or trainer.state.nan_skips > tr.nan_max_skips:
-            from sigma_moe.train.loop import TrainingStopped
-
             why = (
                 f"non-finite loss at step {m['step']} ({trainer.state.nan_skips} so far, "
                 f"train.nan_policy={tr.nan_policy}, train.nan_max_skips={tr.nan_max_skips})"
@@ -569,13 +514,13 @@ class NanGuard:
             try:
                 path = self.ckpt.save(trainer)  # refuses weights that are not finite
             except NonFiniteWeights as e:
-                raise TrainingStopped(f"{why}; {e}") from e
-            raise TrainingStopped(
+                raise errors.NonFiniteLoss(f"{why}; {e}") from e
+            raise errors.NonFiniteLoss(
                 f"{why}; the last good weights (all finite) are saved in {path} "
                 "(resume with --resume auto)"
             )
         if trainer.world.is_main:
-            _log(
+            log(
                 f"[nan] step {m['step']}: non-finite loss, update skipped "
                 f"({trainer.state.nan_skips}/{tr.nan_max_skips})"
             )

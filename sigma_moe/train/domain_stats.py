@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sigma_moe.train.hooks import Callback
+
 
 def domain_expert_counts(moe_stats, domain_B: torch.Tensor, num_domains: int) -> torch.Tensor:
     """[L, K, E] float64 counts of one micro-batch's routed (token, slot) pairs."""
@@ -62,7 +64,7 @@ def plot_expert_load(counts_LKE: np.ndarray, domains: list[str], path: Path, tit
     plt.close(fig)
 
 
-class ExpertLoadByDomain:
+class ExpertLoadByDomain(Callback):
     """Callback: accumulates ``trainer.step_domain_expert_LKE`` between evals (rank 0 writes)."""
 
     def __init__(self, out_dir: Path):

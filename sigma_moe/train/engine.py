@@ -6,14 +6,18 @@ from __future__ import annotations
 import math
 import os
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any
 
+import deepspeed
 import torch
 import torch.distributed as dist
 
 from sigma_moe.config import RunConfig
 from sigma_moe.model import SigmaMoEConfig
+from sigma_moe.model.config import PRESETS
+from sigma_moe.parallel.wiring import moe_param_groups
 
 
 @dataclass
@@ -43,8 +47,6 @@ def init_distributed() -> World:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(_free_port())
-    import deepspeed
-
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
@@ -85,8 +87,6 @@ def build_model_config(cfg: RunConfig, vocab_size: int) -> SigmaMoEConfig:
         rope_theta=m.rope_theta,
         rms_eps=m.rms_eps,
     )
-    from sigma_moe.model.config import PRESETS
-
     layers = m.num_layers or PRESETS[m.preset]["num_layers"]
     if isinstance(m.router_topk, list) and len(m.router_topk) != layers:
         raise ValueError(
@@ -193,8 +193,6 @@ def deepspeed_config(cfg: RunConfig, dp_size: int) -> dict[str, Any]:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
-    from sigma_moe.parallel.wiring import moe_param_groups
-
     groups = moe_param_groups(model, cfg.train.weight_decay)
     kw = dict(lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), eps=1e-8)
     try:
@@ -206,8 +204,6 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optim
 def measure_peak_flops(device: torch.device, n: int = 1024, repeats: int = 5) -> float:
     """Dense fp32 GEMM FLOP/s of this device, measured: the MFU denominator on CPU, where no
     datasheet number applies. ~0.2 s."""
-    import time
-
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
     a @ b

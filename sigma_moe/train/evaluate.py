@@ -10,10 +10,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sigma_moe.config import config_from_dict, parse_overrides
+from sigma_moe.data.dataset import build_val_datasets, collate
+from sigma_moe.data.tokenizer import load_tokenizer
+from sigma_moe.train.checkpoint import load_model_for_inference
+
 
 @torch.no_grad()
 def evaluate_model(model, val_ds: dict, clean: list[str], batch_size: int = 8) -> dict:
-    from sigma_moe.data.dataset import collate
 
     model.eval()
     res: dict = {"val_loss": {}}
@@ -34,10 +38,6 @@ def evaluate_model(model, val_ds: dict, clean: list[str], batch_size: int = 8) -
 
 
 def evaluate_checkpoint(ckpt: str | Path, json_path: str | None = None, set_overrides=None) -> dict:
-    from sigma_moe.config import config_from_dict, parse_overrides
-    from sigma_moe.data.dataset import build_val_datasets
-    from sigma_moe.data.tokenizer import load_tokenizer
-    from sigma_moe.train.checkpoint import load_model_for_inference
 
     model, cfg_dict, _ = load_model_for_inference(ckpt)
     for k, v in parse_overrides(set_overrides or []):
@@ -86,9 +86,6 @@ def stream_text(
 ) -> Iterator[str]:
     """The prompt, then the generated text piece by piece as tokens come (a piece is held back
     while it ends inside a multi-byte character). Stops at EOD or after `max_new_tokens`."""
-    from sigma_moe.config import config_from_dict
-    from sigma_moe.data.tokenizer import load_tokenizer
-    from sigma_moe.train.checkpoint import load_model_for_inference
 
     check_generate_args(prompt, max_new_tokens, temperature)
     torch.manual_seed(seed)

@@ -15,18 +15,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import zipfile
 from pathlib import Path
 
 import torch
 
+from sigma_moe.train.fs import log
+
 META = "meta.json"
 UNIVERSAL = "universal_state.pt"  # layout-free state written by `sigma-moe convert-checkpoint`
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def _is_final_name(p: Path) -> bool:
@@ -127,13 +124,13 @@ def resolve_checkpoint(path: str | Path, *, warn: bool = True) -> Path:
         problem = checkpoint_problem(c)
         if problem is None:
             if warn and latest.is_file() and latest.read_text().strip() != c.name:
-                _log(
+                log(
                     f"[resume] warning: {latest} names {latest.read_text().strip()!r}, "
                     f"using {c.name} (the newest complete checkpoint)"
                 )
             return c
         if warn:
-            _log(f"[resume] warning: skipping damaged checkpoint {c}: {problem}")
+            log(f"[resume] warning: skipping damaged checkpoint {c}: {problem}")
     raise FileNotFoundError(f"no loadable checkpoint under {p}: every candidate is damaged")
 
 

@@ -20,12 +20,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from sigma_moe.config import RunConfig, save_config
+from sigma_moe.data.dataset import build_train_dataset, build_val_datasets, collate
+from sigma_moe.data.tokenizer import load_tokenizer
+from sigma_moe.errors import ScorerFailure, TrainingStopped
+from sigma_moe.model import SigmaMoEForCausalLM
+from sigma_moe.parallel.wiring import ep_rank_for, wire_expert_parallel
+from sigma_moe.train.callbacks import default_callbacks
 from sigma_moe.train.domain_stats import domain_expert_counts
 from sigma_moe.train.engine import (
     World,
@@ -39,6 +46,7 @@ from sigma_moe.train.engine import (
     measure_peak_flops,
     topk_for_step,
 )
+from sigma_moe.train.hooks import Callback, ClmObjective, Objective, as_callback
 from sigma_moe.train.runlock import RunLock, check_run_folder
 from sigma_moe.train.sampling import DomainLosses, Sampler, StaticSampler
 
@@ -46,8 +54,7 @@ from sigma_moe.train.sampling import DomainLosses, Sampler, StaticSampler
 DataPolicy = Callable[[RunConfig, Any, int], tuple[Any, Sampler, list]]
 
 
-class TrainingStopped(RuntimeError):
-    """The run stopped on purpose (NaN policy, scorer failure); a checkpoint was written."""
+__all__ = ["TrainState", "Trainer", "TrainingStopped", "run_training"]  # TrainingStopped: errors
 
 
 @dataclass
@@ -113,8 +120,9 @@ class Trainer:
         train_ds,
         val_ds,
         tokenizer,
-        callbacks: list,
+        callbacks: list[Callback],
         sampler: Sampler | None = None,
+        objective: Objective | None = None,
     ):
         self.cfg, self.out_dir, self.world = cfg, out_dir, world
         # Which samples each step reads (sigma_moe.train.sampling); the static blend by default.
@@ -122,23 +130,20 @@ class Trainer:
         self.step_domain_expert_LKE: torch.Tensor | None = None  # last step's, all ranks
         self.engine, self.model = engine, model
         self.train_ds, self.val_ds, self.tokenizer = train_ds, val_ds, tokenizer
-        self.callbacks = callbacks
+        self.callbacks = [as_callback(cb) for cb in callbacks]
         self.state = TrainState()
         self.dp = world.world_size
         self.accum = gradient_accumulation_steps(cfg, self.dp)
         self.peak_flops = measure_peak_flops(world.device)
         self.stop_requested: str | None = None
-        self.ref_losses = None  # set by the Rho-1 callback: fn(list of (domain, idx)) -> [B, S]
-        self.token_weights = None  # set by the Rho-1 callback: selection function
-        self.weight_sum = None  # set by the Rho-1 callback: n_valid -> Σ weights
+        # What each batch is trained on (token weights, loss denominator); plain CLM by default.
+        self.objective = objective or ClmObjective()
 
     # ------------------------------------------------------------------ data
 
     def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
         """This rank's micro-batches for `step`: micro j of the global batch goes to rank j % dp,
         so the global batch's content does not depend on the number of processes."""
-        from sigma_moe.data.dataset import collate
-
         mb = self.cfg.train.micro_batch_size
         keys = self.sampler.keys_for_step(step)
         out = []
@@ -162,9 +167,7 @@ class Trainer:
             n_all = torch.stack(gathered)  # [dp, accum]
         else:
             n_all = n_local[None]
-        if self.weight_sum is None:
-            return float(n_all.sum())
-        return float(self.weight_sum(n_all))
+        return float(self.objective.weight_sum(n_all))
 
     # ------------------------------------------------------------------ step
 
@@ -177,9 +180,8 @@ class Trainer:
         for g in self.engine.optimizer.param_groups:
             g["lr"] = lr
         batches = self.micro_batches(step)
-        if self.ref_losses is not None:
-            for b in batches:
-                b["ref_loss"] = self.ref_losses(b).to(self.world.device)
+        for cb in self.callbacks:
+            cb.on_batches(self, batches)
         denom = max(self._global_weight_sum(batches), 1.0)
         sums = torch.zeros(
             6, dtype=torch.float64
@@ -200,10 +202,7 @@ class Trainer:
             )
             ce_BS = out.loss_per_token
             valid_BS = b["loss_mask"] > 0
-            if self.token_weights is not None:
-                w_BS, sel_metrics = self.token_weights(ce_BS, b, valid_BS)
-            else:
-                w_BS = valid_BS.to(ce_BS.dtype)
+            w_BS, sel_metrics = self.objective.token_weights(ce_BS, b, valid_BS)
             lm_sum = (ce_BS * w_BS).sum()
             aux = out.aux_losses["lb_loss"] + out.aux_losses["z_loss"]
             # DeepSpeed divides by accum and averages over dp: undo both so Σ over the global
@@ -323,8 +322,6 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Per-domain validation CE over each domain's held-out split, shared across ranks."""
-        from sigma_moe.data.dataset import collate
-
         self.engine.eval()
         mb = self.cfg.train.micro_batch_size
         out: dict[str, float] = {}
@@ -363,34 +360,35 @@ class Trainer:
 
     # ------------------------------------------------------------------ run
 
-    def _call(self, hook: str, *args) -> None:
+    def log(self, metrics: dict[str, Any]) -> None:
+        """Hand a metrics line to every callback's ``on_log`` (metrics.jsonl, wandb, ...)."""
         for cb in self.callbacks:
-            fn = getattr(cb, hook, None)
-            if fn is not None:
-                fn(self, *args)
+            cb.on_log(self, metrics)
 
     def fit(self) -> dict[str, Any]:
-        from sigma_moe.rho1.scorer import ScorerError
-
-        self._call("on_resume")
+        for cb in self.callbacks:
+            cb.on_resume(self)
         if "sampler" in self.state.extra:  # restored by the checkpoint callback
             self.sampler.load_state_dict(self.state.extra["sampler"])
-        self._call("on_train_start")
+        for cb in self.callbacks:
+            cb.on_train_start(self)
         last: dict[str, Any] = {}
-        failure: ScorerError | None = None
+        failure: ScorerFailure | None = None
         try:
             while self.state.step < self.cfg.train.max_steps and self.stop_requested is None:
                 try:
                     last = self.train_step(self.state.step)
-                except ScorerError as e:
+                except ScorerFailure as e:
                     # Raised on every rank at the same call, before any forward of the step, so
                     # the weights are those of the last completed step: checkpoint them and
                     # stop, never train on without selection.
                     self.stop_requested, failure = "Rho-1 scorer failure", e
                     break
-                self._call("on_step_end", last)
+                for cb in self.callbacks:
+                    cb.on_step_end(self, last)
         finally:
-            self._call("on_train_end", last)
+            for cb in self.callbacks:
+                cb.on_train_end(self, last)
         if failure is not None:
             raise TrainingStopped(
                 f"{failure}; training stopped after step {self.state.step} with a checkpoint "
@@ -414,6 +412,7 @@ def run_training(
     resume: str = "none",
     extra_callbacks: list | None = None,
     data_policy: DataPolicy | None = None,
+    objective: Objective | None = None,
 ) -> dict[str, Any]:
     """Train `cfg` into `out_dir` (config.yaml, metrics.jsonl, checkpoints/, wandb/, plots/).
     `resume`: "none", "auto" (newest complete checkpoint in out_dir/checkpoints, if any) or a
@@ -422,30 +421,43 @@ def run_training(
     the lock): a second run into it is refused with the holder's pid.
     `data_policy(cfg, tokenizer, num_samples) -> (train_ds, sampler, callbacks)` builds the
     training data and its sampler (the run assembly of an online mixer passes one:
-    `sigma_moe.mixing.run`); default: the static blend of `data.domains`."""
+    `sigma_moe.mixing.run`); default: the static blend of `data.domains`.
+    `objective`: what each batch is trained on (default plain CLM); the run assembly
+    (`sigma_moe.run`) passes the Rho-1 one when `rho1.mode` selects tokens. An `Objective` among
+    `extra_callbacks` is taken as the objective too."""
     if data_policy is None and cfg.data.mixing.kind != "static":
         raise ValueError(
             f"config key 'data.mixing.kind': {cfg.data.mixing.kind!r} needs the mixing run "
             "assembly (`sigma-moe train`, or sigma_moe.mixing.run.run_training)"
         )
+    extra = list(extra_callbacks or [])
+    if objective is None:
+        objective = next((cb for cb in extra if isinstance(cb, Objective)), None)
+    if cfg.rho1.mode != "none" and objective is None:
+        raise ValueError(
+            f"config key 'rho1.mode': {cfg.rho1.mode!r} needs the Rho-1 objective: train through "
+            "the run assembly (`sigma-moe train`, sigma_moe.run.run_training) or pass "
+            "objective=sigma_moe.rho1.callback.Rho1Callback(cfg, out_dir)"
+        )
+    # An objective with hooks runs at the policy place of the callback order.
+    policy = [objective] if isinstance(objective, Callback) else []
+    extra = [cb for cb in extra if cb is not objective]
     out_dir = Path(out_dir)
     check_run_folder(out_dir)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     with RunLock(out_dir) if rank0 else contextlib.nullcontext():
-        return _run_training(cfg, out_dir, resume, extra_callbacks, data_policy)
+        return _run_training(cfg, out_dir, resume, extra, data_policy, objective, policy)
 
 
 def _run_training(
-    cfg: RunConfig, out_dir: Path, resume: str, extra_callbacks, data_policy=None
+    cfg: RunConfig,
+    out_dir: Path,
+    resume: str,
+    extra_callbacks: list,
+    data_policy: DataPolicy | None,
+    objective: Objective | None,
+    policy: list[Callback],
 ) -> dict[str, Any]:
-    import deepspeed
-
-    from sigma_moe.data.dataset import build_train_dataset, build_val_datasets
-    from sigma_moe.data.tokenizer import load_tokenizer
-    from sigma_moe.model import SigmaMoEForCausalLM
-    from sigma_moe.parallel.wiring import ep_rank_for, wire_expert_parallel
-    from sigma_moe.train.callbacks import default_callbacks
-
     out_dir = Path(out_dir)
     world = init_distributed()
     if cfg.parallel.ep_size > world.world_size or world.world_size % cfg.parallel.ep_size:
@@ -496,10 +508,20 @@ def _run_training(
         engine.enable_backward_allreduce = False
     base_model = engine.module._orig_mod if hasattr(engine.module, "_orig_mod") else engine.module
     wire_expert_parallel(base_model, cfg.parallel.ep_size)
-    callbacks = default_callbacks(cfg, out_dir, world, resume) + list(extra_callbacks or [])
+    callbacks = default_callbacks(cfg, out_dir, world, resume, policy) + extra_callbacks
     callbacks += policy_callbacks
     trainer = Trainer(
-        cfg, out_dir, world, engine, base_model, train_ds, val_ds, tokenizer, callbacks, sampler
+        cfg,
+        out_dir,
+        world,
+        engine,
+        base_model,
+        train_ds,
+        val_ds,
+        tokenizer,
+        callbacks,
+        sampler,
+        objective,
     )
     _install_signal_handlers(trainer)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

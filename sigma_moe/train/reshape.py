@@ -41,17 +41,17 @@ from typing import Any
 
 import torch
 import yaml
+from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-from sigma_moe.train.checkpoint import (
+from sigma_moe.model.checkpoint_io import load_full_state_dict
+from sigma_moe.parallel.wiring import ep_rank_for
+from sigma_moe.train.ckpt_state import is_expert_param, read_meta
+from sigma_moe.train.fs import fsync_dir, log
+from sigma_moe.train.integrity import (
     META,
     UNIVERSAL,
-    _fsync_dir,
-    _log,
     checkpoint_problem,
     folder_manifest,
-    is_expert_param,
-    load_full_state_dict,
-    read_meta,
     resolve_checkpoint,
 )
 
@@ -207,10 +207,6 @@ def load_reshaped(trainer, ckpt: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """Load a checkpoint of any EP/DP layout (or a converted one) into `trainer.engine`:
     weights, fp32 master weights and Adam moments (each rank its own slice), Adam's step.
     Returns the checkpoint's train_state."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-    from sigma_moe.parallel.wiring import ep_rank_for
-
     state = consolidate(ckpt, meta)
     cfg = trainer.cfg
     ep_size = cfg.parallel.ep_size
@@ -307,7 +303,7 @@ def convert(src_path: str | Path, out: str | Path, ep_size: int, force: bool = F
         **folder_manifest(tmp),  # sizes and sha256 of the new files
     )
     (tmp / META).write_text(json.dumps(new_meta, indent=1))
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if out.exists():
         out.rmdir()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -337,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     meta = read_meta(out)
     src = meta["converted_from"]
-    _log(
+    log(
         f"wrote {out}: step {meta['step']}, ep_size {src['ep_size']} on {src['world_size']} "
         f"processes -> ep_size {args.ep_size} (loads on any number of processes divisible by it)"
     )

@@ -14,7 +14,7 @@ from sigma_moe.config import load_config
 
 @pytest.mark.slow
 def test_doremi_with_rho1_selection_inline(tmp_path, ours_reference):
-    from sigma_moe.mixing.run import run_training
+    from sigma_moe.run import run_training  # the run assembly builds the Rho-1 objective
 
     cfg = load_config(
         "configs/test-tiny.yaml",

@@ -205,6 +205,6 @@ def test_callback_weight_sum_rank_and_global():
     n_all = torch.tensor([[5.0, 3.0], [2.0, 0.0]], dtype=torch.float64)  # [dp=2, accum=2]
     kw = dict(mode="excess", ratio=0.6, unselected_weight=0.1)
     want_rank = sum(weight_sum(n, **kw) for n in (5, 3, 2, 0))
-    assert cb._weight_sum(n_all) == pytest.approx(want_rank)
+    assert cb.weight_sum(n_all) == pytest.approx(want_rank)
     cb._group = object()  # global scope: one scope per micro-step, counts summed over ranks
-    assert cb._weight_sum(n_all) == pytest.approx(weight_sum(7, **kw) + weight_sum(3, **kw))
+    assert cb.weight_sum(n_all) == pytest.approx(weight_sum(7, **kw) + weight_sum(3, **kw))
