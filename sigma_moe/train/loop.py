@@ -68,6 +68,61 @@ class TrainState:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class StepSums:
+    """What the micro-steps of one step add up: this rank's, then (``all_reduce``) the global
+    batch's. The float sums are float64 (Python floats), as the losses are reported."""
+
+    domain_losses: DomainLosses  # per-domain sums (the sampler's feedback)
+    lm: float = 0.0  # Σ token-weighted CE: the loss numerator (lm_loss = lm / denominator)
+    ce_all: float = 0.0  # Σ CE over every valid token (lm_loss_all)
+    n_valid: float = 0.0  # valid (loss-masked-in) tokens
+    aux: float = 0.0  # Σ auxiliary losses (load balance + z), one term per micro-step
+    weight: float = 0.0  # Σ token weights (selected_frac = weight / n_valid)
+    nonfinite: float = 0.0  # micro-steps whose loss was not finite
+    domain_expert_LKE: Any = 0.0  # domain × layer × expert token counts
+    counts_LE: torch.Tensor | None = None  # tokens per expert per layer
+    entropy_L: torch.Tensor | None = None  # router entropy per layer, mean over micro-steps
+    dropped: int = 0  # tokens dropped by expert capacity
+    objective_metrics: dict[str, float] = field(default_factory=dict)  # the step's so far
+    bad_step: bool = False  # a non-finite micro-step: the update is skipped
+    grad_norm0: float | None = None  # ZeRO-0: the norm the loop clipped with
+
+    def add_micro_step(self, out, b, ce_BS, valid_BS, w_BS, lm_sum, aux, finite, n_micro) -> None:
+        """One micro-step's losses and MoE statistics (`out`: the model's output)."""
+        self.lm += float(lm_sum.detach())
+        self.ce_all += float((ce_BS.detach() * valid_BS).sum())
+        self.n_valid += float(valid_BS.sum())
+        self.aux += float(aux.detach())
+        self.weight += float(w_BS.sum())
+        self.nonfinite += float(not finite)
+        self.domain_losses.add_micro_batch(ce_BS, valid_BS, b["domain"], b.get("ref_loss"))
+        n_dom = self.domain_losses.ce_sum.numel()
+        self.domain_expert_LKE = self.domain_expert_LKE + domain_expert_counts(
+            out.moe_stats, b["domain"], n_dom
+        )
+        c = torch.stack([s.tokens_per_expert_E for s in out.moe_stats]).double()
+        self.counts_LE = c if self.counts_LE is None else self.counts_LE + c
+        ent = torch.stack([s.router_entropy for s in out.moe_stats]).double() / n_micro
+        self.entropy_L = ent if self.entropy_L is None else self.entropy_L + ent
+        self.dropped += sum(s.dropped_tokens for s in out.moe_stats)
+
+    def all_reduce(self, dp: int) -> None:
+        """Sum over the data-parallel group (every rank then holds the global batch's)."""
+        packed = torch.tensor(
+            [self.lm, self.ce_all, self.n_valid, self.aux, self.weight, self.nonfinite],
+            dtype=torch.float64,
+        )
+        dist.all_reduce(packed)
+        self.lm, self.ce_all, self.n_valid, self.aux, self.weight, self.nonfinite = packed.tolist()
+        dist.all_reduce(self.domain_expert_LKE)
+        packed_dom = self.domain_losses.packed()
+        dist.all_reduce(packed_dom)
+        self.domain_losses = DomainLosses.unpack(packed_dom, self.domain_losses.has_ref)
+        dist.all_reduce(self.entropy_L)
+        self.entropy_L /= dp
+
+
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -172,28 +227,52 @@ class Trainer:
     # ------------------------------------------------------------------ step
 
     def train_step(self, step: int) -> dict[str, Any]:
-        cfg = self.cfg
+        """One optimizer step: schedule, this rank's micro-batches, forward/backward of each,
+        the data-parallel sums, the sampler's feedback, then the step's metrics."""
         t0 = time.perf_counter()
-        topk = topk_for_step(self.model.config.router_topk, cfg.model.topk_schedule, step)
-        self.model.set_topk(topk)
-        lr = lr_at(cfg, step)
-        for g in self.engine.optimizer.param_groups:
-            g["lr"] = lr
+        topk, lr = self._schedule(step)
         batches = self.micro_batches(step)
         for cb in self.callbacks:
             cb.on_batches(self, batches)
         denom = max(self._global_weight_sum(batches), 1.0)
-        sums = torch.zeros(
-            6, dtype=torch.float64
-        )  # lm_sum, ce_all_sum, n_valid, aux, n_sel, nonfinite
-        counts_LE = entropy_L = None
-        n_dom = len(self.sampler.domain_names)
-        dom_losses, dom_LKE = DomainLosses.zeros(n_dom), 0.0
-        sel_metrics: dict[str, float] = {}
-        dropped = 0
-        bad_step = False
-        grad_norm0 = None
+        sums = self._forward_backward(batches, denom)
+        if self.dp > 1:
+            sums.all_reduce(self.dp)
+        self.step_domain_expert_LKE = sums.domain_expert_LKE
+        mix_weights = self.sampler.weights()  # the weights this step was drawn with
+        self.sampler.feedback(step, sums.domain_losses)
+        self.state.extra["sampler"] = self.sampler.state_dict()
+        # Global-batch counts (summed over the data-parallel group); the aux-loss-free bias
+        # steps from them, except on a skipped (non-finite) step, which leaves the model as is.
+        counts_LE = self.model.end_step_balance(sums.counts_LE, update_bias=not sums.bad_step)
+        self.state.step = step + 1
+        self.state.consumed_samples += self.cfg.train.global_batch_size
+        n_tokens = self.cfg.train.global_batch_size * self.cfg.data.seq_len
+        self.state.tokens += n_tokens
+        dt = time.perf_counter() - t0
+        m = self._metrics(step, sums, denom, lr, n_tokens, dt)
+        m.update(balance_metrics(counts_LE, sums.entropy_L, topk))
+        m.update(sums.objective_metrics)
+        if self.sampler.online and mix_weights is not None:
+            for name, w in zip(self.sampler.domain_names, mix_weights):
+                m[f"mix_weight/{name}"] = w
+        return m
+
+    def _schedule(self, step: int) -> tuple[list[int], float]:
+        """Top-k of every layer (model.topk_schedule) and the learning rate of `step`, set."""
+        topk = topk_for_step(self.model.config.router_topk, self.cfg.model.topk_schedule, step)
+        self.model.set_topk(topk)
+        lr = lr_at(self.cfg, step)
+        for g in self.engine.optimizer.param_groups:
+            g["lr"] = lr
+        return topk, lr
+
+    def _forward_backward(self, batches: list[dict[str, torch.Tensor]], denom: float) -> StepSums:
+        """Forward, backward and DeepSpeed's micro-step of every micro-batch; `denom` is the
+        global batch's Σ token weights (the objective's, known before any forward)."""
+        sums = StepSums(domain_losses=DomainLosses.zeros(len(self.sampler.domain_names)))
         for a, b in enumerate(batches):
+            last = a == len(batches) - 1
             out = self.engine(
                 b["input_ids"],
                 labels=_labels_from(b),
@@ -202,7 +281,7 @@ class Trainer:
             )
             ce_BS = out.loss_per_token
             valid_BS = b["loss_mask"] > 0
-            w_BS, sel_metrics = self.objective.token_weights(ce_BS, b, valid_BS)
+            w_BS, sums.objective_metrics = self.objective.token_weights(ce_BS, b, valid_BS)
             lm_sum = (ce_BS * w_BS).sum()
             aux = out.aux_losses["lb_loss"] + out.aux_losses["z_loss"]
             # DeepSpeed divides by accum and averages over dp: undo both so Σ over the global
@@ -212,86 +291,49 @@ class Trainer:
             if self.dp > 1:  # every rank must agree, or their gradient reductions diverge
                 dist.all_reduce(finite, op=dist.ReduceOp.MIN)
             finite = bool(finite)
-            sums += torch.tensor(
-                [
-                    float(lm_sum.detach()),
-                    float((ce_BS.detach() * valid_BS).sum()),
-                    float(valid_BS.sum()),
-                    float(aux.detach()),
-                    float(w_BS.sum()),
-                    float(not finite),
-                ],
-                dtype=torch.float64,
-            )
-            dom_losses.add_micro_batch(ce_BS, valid_BS, b["domain"], b.get("ref_loss"))
-            dom_LKE = dom_LKE + domain_expert_counts(out.moe_stats, b["domain"], n_dom)
-            c = torch.stack([s.tokens_per_expert_E for s in out.moe_stats]).double()
-            counts_LE = c if counts_LE is None else counts_LE + c
-            ent = torch.stack([s.router_entropy for s in out.moe_stats]).double() / len(batches)
-            entropy_L = ent if entropy_L is None else entropy_L + ent
-            dropped += sum(s.dropped_tokens for s in out.moe_stats)
+            sums.add_micro_step(out, b, ce_BS, valid_BS, w_BS, lm_sum, aux, finite, len(batches))
             if not finite:
                 # Never backpropagate a NaN/Inf: zero gradients keep DeepSpeed's micro-step
                 # bookkeeping (and ZeRO's reduction hooks) consistent across ranks, and lr=0 on
                 # the boundary leaves the weights untouched (AdamW's moments decay one step).
-                bad_step = True
+                sums.bad_step = True
                 loss = sum(
                     (p * 0).sum() for p in self.engine.module.parameters() if p.requires_grad
                 )
-            if bad_step and a == len(batches) - 1:
+            if sums.bad_step and last:
                 for g in self.engine.optimizer.param_groups:
                     g["lr"] = 0.0
             self.engine.backward(loss)
-            if a == len(batches) - 1 and self.cfg.parallel.zero_stage == 0:
-                grad_norm0 = self._clip_stage0()
+            if last and self.cfg.parallel.zero_stage == 0:
+                sums.grad_norm0 = self._clip_stage0()
             self.engine.step()
             del out, loss
-        if self.dp > 1:
-            dist.all_reduce(sums)
-            dist.all_reduce(dom_LKE)
-            packed = dom_losses.packed()
-            dist.all_reduce(packed)
-            dom_losses = DomainLosses.unpack(packed, dom_losses.has_ref)
-        self.step_domain_expert_LKE = dom_LKE
-        mix_weights = self.sampler.weights()  # the weights this step was drawn with
-        self.sampler.feedback(step, dom_losses)
-        self.state.extra["sampler"] = self.sampler.state_dict()
-        # Global-batch counts (summed over the data-parallel group); the aux-loss-free bias
-        # steps from them, except on a skipped (non-finite) step, which leaves the model as is.
-        counts_LE = self.model.end_step_balance(counts_LE, update_bias=not bad_step)
-        self.state.step = step + 1
-        self.state.consumed_samples += cfg.train.global_batch_size
-        n_tokens = cfg.train.global_batch_size * cfg.data.seq_len
-        self.state.tokens += n_tokens
-        dt = time.perf_counter() - t0
+        return sums
+
+    def _metrics(
+        self, step: int, sums: StepSums, denom: float, lr: float, n_tokens: int, dt: float
+    ) -> dict[str, Any]:
+        """The step's loss, throughput and optimizer figures (global-batch sums)."""
         tps = n_tokens / dt
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is None and self.cfg.parallel.zero_stage == 0:
-            grad_norm = grad_norm0
+            grad_norm = sums.grad_norm0
         m: dict[str, Any] = {
             "step": step + 1,
-            "lm_loss": float(sums[0] / denom),
-            "lm_loss_all": float(sums[1] / max(float(sums[2]), 1.0)),
-            "aux_loss": float(sums[3] / (self.accum * self.dp)),
+            "lm_loss": sums.lm / denom,
+            "lm_loss_all": sums.ce_all / max(sums.n_valid, 1.0),
+            "aux_loss": sums.aux / (self.accum * self.dp),
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens": self.state.tokens,
             "tokens_per_s": tps,
             "step_time_s": dt,
-            "mfu": self.model.estimate_mfu(tps / self.dp, cfg.data.seq_len, self.peak_flops),
-            "selected_frac": float(sums[4] / max(float(sums[2]), 1.0)),
-            "dropped_tokens": dropped,
-            "nonfinite": bad_step,
+            "mfu": self.model.estimate_mfu(tps / self.dp, self.cfg.data.seq_len, self.peak_flops),
+            "selected_frac": sums.weight / max(sums.n_valid, 1.0),
+            "dropped_tokens": sums.dropped,
+            "nonfinite": sums.bad_step,
         }
         m["loss"] = m["lm_loss"] + m["aux_loss"]
-        if self.dp > 1:
-            dist.all_reduce(entropy_L)
-            entropy_L /= self.dp
-        m.update(balance_metrics(counts_LE, entropy_L, topk))
-        m.update(sel_metrics)
-        if self.sampler.online and mix_weights is not None:
-            for name, w in zip(self.sampler.domain_names, mix_weights):
-                m[f"mix_weight/{name}"] = w
         return m
 
     def _clip_stage0(self) -> float:
