@@ -6,6 +6,8 @@ expert, one ``torch.bmm`` per GEMM per range).  Manual backward; one host sync
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -221,7 +223,16 @@ def _bwd_torch(
 # (balanced) and 45 vs 40 ms with one expert holding a quarter of the tokens; the ranged bmm is
 # kept for shapes _grouped_mm refuses (strides or base addresses not multiples of 16 bytes,
 # float64).
+# Off by default: in a fresh-clone CI run (2026-12-01) the suite's in-process runs began failing
+# with `MemoryError: std::bad_alloc` inside this path and every later grouped_swiglu call in the
+# process failed too (132 failures), and it measured no faster than the ranged bmm at demo sizes
+# (T=2048, D=256, F=128, E=96, fwd+bwd: 34.7 ms vs 33.1 ms). SIGMA_MOE_GROUPED_MM=1 turns it on.
+_USE_GROUPED_MM = os.environ.get("SIGMA_MOE_GROUPED_MM", "0") == "1"
+
+
 def _gmm_ok(*ts: Tensor) -> bool:
+    if not _USE_GROUPED_MM:
+        return False
     if ts[0].shape[0] == 0:  # no rows: _grouped_mm rejects the empty strides
         return False
     for t in ts:

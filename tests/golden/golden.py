@@ -38,7 +38,17 @@ COMMON = [
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "LOCAL_RANK"))}
+    # A rendezvous left in the environment by an in-process test (MASTER_PORT still held by the
+    # pytest process) made the golden runs fail with EADDRINUSE in CI: start clean.
+    dist_keys = (
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "LOCAL_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(dist_keys)}
     env.update(OMP_NUM_THREADS="1", SIGMA_MOE_THREADS="1", PYTHON=sys.executable)
     return env
 
