@@ -1,4 +1,4 @@
-"""The README's table of every config key, generated from the dataclasses in sigma_moe/config.py
+"""The README's table of every config key, generated from the dataclasses in sigma_moe/config/
 (key, type, default, and the comment written beside or above the field in the source).
 
     python -m sigma_moe.config_table --write README.md   # regenerate between the markers
@@ -26,7 +26,7 @@ BEGIN = (
 )
 END = "<!-- config-keys:end -->"
 
-# Keys whose field has no comment in config.py; the test fails if one of these disappears.
+# Keys whose field has no comment in sigma_moe/config/; the test fails if one of these disappears.
 DOC = {
     "model.preset": "architecture preset (`sigma-moe-tiny`, `demo-cpu`, `test-tiny`); the keys "
     "below override it",
@@ -148,7 +148,7 @@ def _fmt(v: Any) -> str:
 
 def rows(cls: type = C.RunConfig, prefix: str = "") -> list[tuple[str, str, str, str]]:
     """(key, type, default, description) of every leaf and list-of-records key, in field order."""
-    hints = typing.get_type_hints(cls, vars(C))
+    hints = typing.get_type_hints(cls)
     notes = _comments(cls)
     out = []
     for f in dataclasses.fields(cls):

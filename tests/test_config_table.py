@@ -1,4 +1,4 @@
-"""The README's config-key table is the one generated from the dataclasses in config.py."""
+"""The README's config-key table is the one generated from the dataclasses in sigma_moe/config/."""
 
 from pathlib import Path
 

@@ -125,7 +125,7 @@ def _ds_config(cfg, variant: str, world: int) -> dict:
 def _worker_peer(cfg, variant: str, steps: int, warmup: int, experts_impl: str) -> dict:
     from sigma_moe.data.dataset import build_train_dataset
     from sigma_moe.data.tokenizer import load_tokenizer
-    from sigma_moe.train.engine import build_model_config, init_distributed
+    from sigma_moe.train.engine import init_distributed
     from sigma_moe.train.sampling import StaticSampler
 
     world = init_distributed() if variant != "hf" else None
@@ -137,7 +137,7 @@ def _worker_peer(cfg, variant: str, steps: int, warmup: int, experts_impl: str) 
     )
     sampler = StaticSampler(ds, G)
     torch.manual_seed(cfg.train.seed)
-    model = _hf_model(build_model_config(cfg, tok.vocab_size), experts_impl)
+    model = _hf_model(cfg.build_model(tok.vocab_size), experts_impl)
     tr = cfg.train
     opt = None
     if variant != "autoep":

@@ -380,12 +380,10 @@ def _results(args, out: Path, slm_cfg, clm, slm, pre) -> dict[str, Any]:
         "live_scorer": slm["tokens_per_s"],
         "prefilled": pre["tokens_per_s"] if pre else None,
     }
-    from sigma_moe.train.engine import build_model_config
-
     # active parameters at the bundled tokenizer's vocabulary size (the demo recipes use it)
-    tgt_active = build_model_config(slm_cfg, BUNDLED_VOCAB_SIZE).num_active_params()
+    tgt_active = slm_cfg.build_model(BUNDLED_VOCAB_SIZE).num_active_params()
     ref_cfg = load_config(config_path("ref-demo.yaml"))
-    ref_active = build_model_config(ref_cfg, BUNDLED_VOCAB_SIZE)
+    ref_active = ref_cfg.build_model(BUNDLED_VOCAB_SIZE)
     return {
         "clm_clean_val_loss": _clean_val(clm["summary"]),
         "slm_clean_val_loss": _clean_val(slm["summary"]),

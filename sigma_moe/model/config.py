@@ -10,6 +10,15 @@ LB_LOSS_TYPES = ("global_batch", "micro_batch", "sequence", "none")
 ROUTER_BIAS_UPDATES = ("none", "aux_free")
 
 
+class ModelConfigError(ValueError):
+    """A SigmaMoEConfig field that cannot build a model; ``field`` names it (the run config maps
+    it to its dotted key, e.g. ``ep_size`` -> ``parallel.ep_size``)."""
+
+    def __init__(self, field: str, msg: str):
+        super().__init__(f"model config '{field}': {msg}")
+        self.field, self.msg = field, msg
+
+
 @dataclass
 class SigmaMoEConfig:
     vocab_size: int = 8192
@@ -53,7 +62,7 @@ class SigmaMoEConfig:
 
     def validate(self) -> None:
         def bad(key: str, msg: str) -> None:
-            raise ValueError(f"model config '{key}': {msg}")
+            raise ModelConfigError(key, msg)
 
         if len(self.router_topk) != self.num_layers:
             bad("router_topk", f"has {len(self.router_topk)} entries for {self.num_layers} layers")

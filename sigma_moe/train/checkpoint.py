@@ -72,7 +72,6 @@ from sigma_moe.train.ckpt_state import (  # noqa: F401  (re-exported)
     shape_mismatch,
 )
 from sigma_moe.train.collectives import agree_any, barrier, broadcast
-from sigma_moe.train.engine import build_model_config
 from sigma_moe.train.fs import fsync_dir, log, write_atomic
 from sigma_moe.train.hooks import Callback
 from sigma_moe.train.integrity import (  # noqa: F401  (re-exported: rho1, tests)
@@ -114,7 +113,7 @@ def load_model_for_inference(path: str | Path, device: str | torch.device = "cpu
     cfg = config_from_dict(cfg_dict)
     cfg.parallel.ep_size = 1
     tok = load_tokenizer(cfg.data.tokenizer)
-    model = SigmaMoEForCausalLM(build_model_config(cfg, tok.vocab_size))
+    model = SigmaMoEForCausalLM(cfg.build_model(tok.vocab_size))
     state = load_full_state_dict(ckpt)
     state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
     try:

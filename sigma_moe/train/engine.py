@@ -15,8 +15,6 @@ import torch
 import torch.distributed as dist
 
 from sigma_moe.config import RunConfig
-from sigma_moe.model import SigmaMoEConfig
-from sigma_moe.model.config import PRESETS
 from sigma_moe.parallel.wiring import moe_param_groups
 
 
@@ -61,72 +59,8 @@ def init_distributed() -> World:
 
 def gradient_accumulation_steps(cfg: RunConfig, dp_size: int) -> int:
     """Derived, never configured: the same recipe trains the same global batch on any number of
-    processes."""
-    tr = cfg.train
-    per_round = tr.micro_batch_size * dp_size
-    if tr.global_batch_size % per_round:
-        raise ValueError(
-            f"config key 'train.global_batch_size': {tr.global_batch_size} is not divisible by "
-            f"micro_batch_size ({tr.micro_batch_size}) x data-parallel size ({dp_size})"
-        )
-    return tr.global_batch_size // per_round
-
-
-def build_model_config(cfg: RunConfig, vocab_size: int) -> SigmaMoEConfig:
-    m = cfg.model
-    overrides = dict(
-        num_layers=m.num_layers,
-        hidden_size=m.hidden_size,
-        num_attention_heads=m.num_attention_heads,
-        num_kv_heads=m.num_kv_heads,
-        head_dim=m.head_dim,
-        num_experts=m.num_experts,
-        moe_ffn_size=m.moe_ffn_size,
-        router_topk=m.router_topk,
-        tie_embeddings=m.tie_embeddings,
-        rope_theta=m.rope_theta,
-        rms_eps=m.rms_eps,
-    )
-    layers = m.num_layers or PRESETS[m.preset]["num_layers"]
-    if isinstance(m.router_topk, list) and len(m.router_topk) != layers:
-        raise ValueError(
-            f"config key 'model.router_topk': {len(m.router_topk)} entries for {layers} layers"
-        )
-    for i, ph in enumerate(m.topk_schedule):
-        bad = [li for li in ph.layers if not 0 <= li < layers]
-        if bad:
-            raise ValueError(
-                f"config key 'model.topk_schedule[{i}].layers': layers {bad} not in [0, {layers})"
-            )
-    # The model's vocabulary follows the tokenizer, padded to a multiple of 64 for GEMM shapes.
-    padded_vocab = int(math.ceil(vocab_size / 64) * 64)
-    if m.vocab_size is not None:  # e.g. an imported model whose embedding has spare rows
-        if m.vocab_size < vocab_size:
-            raise ValueError(
-                f"config key 'model.vocab_size': {m.vocab_size} rows for a tokenizer of "
-                f"{vocab_size} tokens"
-            )
-        padded_vocab = m.vocab_size
-    try:
-        return SigmaMoEConfig.preset(
-            m.preset,
-            **overrides,
-            vocab_size=padded_vocab,
-            lb_loss_type=m.lb_loss_type,
-            router_bias_update=m.router_bias_update,
-            bias_update_rate=m.bias_update_rate,
-            num_shared_experts=m.num_shared_experts,
-            lb_coeff=m.lb_coeff,
-            z_loss_coeff=m.z_loss_coeff,
-            capacity_factor=m.capacity_factor,
-            kernel_backend=m.kernel_backend,
-            ep_size=cfg.parallel.ep_size,
-            activation_checkpointing=cfg.train.activation_checkpointing,
-            init_seed=cfg.train.seed,
-            max_seq_len=max(cfg.data.seq_len, PRESETS[m.preset].get("max_seq_len", 0)),
-        )
-    except ValueError as e:
-        raise ValueError(f"config section 'model': {e}") from e
+    processes (``RunConfig.check_world`` refuses a batch the processes cannot split)."""
+    return cfg.check_world(dp_size)
 
 
 def topk_for_step(base: list[int], schedule, step: int) -> list[int]:

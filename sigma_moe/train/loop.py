@@ -36,7 +36,6 @@ from sigma_moe.train.callbacks import default_callbacks
 from sigma_moe.train.domain_stats import domain_expert_counts
 from sigma_moe.train.engine import (
     World,
-    build_model_config,
     build_optimizer,
     deepspeed_config,
     effective_zero_stage,
@@ -502,12 +501,7 @@ def _run_training(
 ) -> dict[str, Any]:
     out_dir = Path(out_dir)
     world = init_distributed()
-    if cfg.parallel.ep_size > world.world_size or world.world_size % cfg.parallel.ep_size:
-        raise ValueError(
-            f"config key 'parallel.ep_size': {cfg.parallel.ep_size} must divide the "
-            f"number of processes ({world.world_size})"
-        )
-    gradient_accumulation_steps(cfg, world.world_size)  # fail early on an indivisible batch
+    cfg.check_world(world.world_size)  # fail early: ep_size or the batch vs the process count
     if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
@@ -536,7 +530,7 @@ def _run_training(
         tokenizer,
         max_samples_per_domain=cfg.data.val_samples_per_domain,
     )
-    mcfg = build_model_config(cfg, tokenizer.vocab_size)
+    mcfg = cfg.build_model(tokenizer.vocab_size)
     model = SigmaMoEForCausalLM(mcfg, ep_rank=ep_rank_for(cfg.parallel.ep_size))
     if cfg.train.compile:
         model = torch.compile(model)  # the kernels are torch.library custom ops: traceable

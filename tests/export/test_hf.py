@@ -154,7 +154,6 @@ def test_import_a_transformers_born_model(tmp_path):
     from sigma_moe.config import load_config
     from sigma_moe.data.tokenizer import BUNDLED_TOKENIZER_PATH, EOD_TOKEN
     from sigma_moe.model.checkpoint_io import read_model_checkpoint
-    from sigma_moe.train.engine import build_model_config
 
     torch.manual_seed(0)
     c = Qwen3MoeConfig(
@@ -183,7 +182,7 @@ def test_import_a_transformers_born_model(tmp_path):
     )
     assert float(want.abs().max()) > 1e-2
     assert d < LOGIT_TOL, d
-    train_cfg = build_model_config(load_config(out / "config.yaml"), 8192)
+    train_cfg = load_config(out / "config.yaml").build_model(8192)
     rec, _, _ = read_model_checkpoint(out)
     for f in ("vocab_size", "tie_embeddings", "rope_theta", "rms_eps", "num_experts", "head_dim"):
         assert getattr(train_cfg, f) == getattr(rec, f), f

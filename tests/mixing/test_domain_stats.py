@@ -8,7 +8,6 @@ import torch
 from sigma_moe.config import RunConfig
 from sigma_moe.model import SigmaMoEForCausalLM
 from sigma_moe.train.domain_stats import domain_expert_counts, plot_expert_load
-from sigma_moe.train.engine import build_model_config
 
 
 def test_domain_expert_matrix_sums_to_the_layer_counts(tmp_path):
@@ -17,7 +16,7 @@ def test_domain_expert_matrix_sums_to_the_layer_counts(tmp_path):
     cfg.model.router_topk = [2, 1]
     cfg.validate()
     torch.manual_seed(0)
-    model = SigmaMoEForCausalLM(build_model_config(cfg, 512)).eval()
+    model = SigmaMoEForCausalLM(cfg.build_model(512)).eval()
     B, S = 5, 16
     ids = torch.randint(0, 512, (B, S))
     domain_B = torch.tensor([2, 0, 2, 1, 0])

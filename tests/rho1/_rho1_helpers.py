@@ -42,14 +42,13 @@ def make_ours_reference(folder: Path, tokenizer_fingerprint: str | None = None) 
     from sigma_moe.data.tokenizer import load_tokenizer
     from sigma_moe.model import SigmaMoEForCausalLM
     from sigma_moe.train.checkpoint import build_meta
-    from sigma_moe.train.engine import build_model_config
 
     cfg = RunConfig()
     cfg.model.preset = "test-tiny"
     cfg.validate()
     tok = load_tokenizer("bundled")
     torch.manual_seed(0)
-    model = SigmaMoEForCausalLM(build_model_config(cfg, tok.vocab_size))
+    model = SigmaMoEForCausalLM(cfg.build_model(tok.vocab_size))
     ck = folder / "checkpoints" / "step_00000001"
     ck.mkdir(parents=True, exist_ok=True)
     torch.save({"module": model.state_dict()}, ck / "mp_rank_00_model_states.pt")
