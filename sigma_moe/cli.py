@@ -1,9 +1,15 @@
 """`sigma-moe` command line (also `python -m sigma_moe`). Each command's work lives in its
-package; this file only parses arguments and reports errors by name."""
+package; this file only parses arguments and reports errors by name.
+
+Each command imports its package inside its handler, so `sigma-moe --help` and a bad argument
+answer without loading torch / DeepSpeed (several seconds); nothing here dodges a cycle (cli.py
+is the top layer of the import contracts in pyproject.toml)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -17,6 +23,10 @@ def _train(args: argparse.Namespace) -> int:
     from sigma_moe.run import run_training  # the config picks the objective and the sampler
 
     cfg = load_config(args.config, args.set)
+    if os.environ.get("WORLD_SIZE", "").isdigit():
+        # Under a launcher the process count is known now: ep_size and the batch split are
+        # checked with the rest of the config, before the process group or the run folder.
+        cfg.check_world(int(os.environ["WORLD_SIZE"]))
     out = Path(args.out or Path("runs") / Path(args.config).stem)
     if cfg.rho1.mode != "none":
         from sigma_moe.rho1.reference import check_reference_tokenizer
@@ -62,8 +72,6 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    import json
-
     from sigma_moe.train.callbacks import format_summary
     from sigma_moe.train.report import write_report
 
@@ -94,9 +102,7 @@ def _import_hf(args: argparse.Namespace) -> int:
 
 def _passthrough(module: str, func: str):
     def run(args: argparse.Namespace) -> int:
-        import importlib
-
-        return importlib.import_module(module).__getattribute__(func)(args.rest) or 0
+        return getattr(importlib.import_module(module), func)(args.rest) or 0
 
     return run
 
@@ -196,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("rest", nargs=argparse.REMAINDER)
         sp.set_defaults(func=_passthrough(mod, fn))
 
-    b = sub.add_parser("bench", help="benchmarks: kernels | layer", add_help=False)
+    b = sub.add_parser("bench", help=f"benchmarks: {' | '.join(BENCH)}", add_help=False)
     b.add_argument("what", choices=sorted(BENCH), nargs="?")
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=_bench)
@@ -204,10 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    import importlib
-
     if args.what is None:
-        print("usage: sigma-moe bench {kernels,layer} [--json PATH] [--help]")
+        print(f"usage: sigma-moe bench {{{','.join(sorted(BENCH))}}} [--json PATH] [--help]")
         return 2
     return importlib.import_module(BENCH[args.what]).main(args.rest) or 0
 

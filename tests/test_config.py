@@ -1,5 +1,6 @@
 """Config: typed YAML / --set loading; errors name the dotted key."""
 
+import os
 import re
 import subprocess
 import sys
@@ -160,4 +161,19 @@ def test_cli_refuses_a_cross_field_error_before_start_up(tmp_path):
     )  # fmt: skip
     assert r.returncode == 2, r.stderr
     assert "config key 'model.router_topk': 3 entries for 2 layers" in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_checks_the_batch_against_the_launchers_world_size(tmp_path):
+    # test-tiny: global 4 = micro 4 x 1 process; under a 2-process launcher that cannot split.
+    env = {**os.environ, "WORLD_SIZE": "2"}
+    r = subprocess.run(
+        [sys.executable, "-m", "sigma_moe", "train", str(REPO / "configs/test-tiny.yaml"),
+         "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    assert (
+        "config key 'train.global_batch_size': 4 is not divisible by micro_batch_size" in r.stderr
+    )
     assert not (tmp_path / "run").exists()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sigma_moe.config import load_config
 from sigma_moe.data.bundled import ensure_bundled_data
-from sigma_moe.train import loop
+from sigma_moe.run import run_training
 from sigma_moe.train.callbacks import require_complete
 from sigma_moe.train.report import write_report
 
@@ -33,7 +33,7 @@ def run_demo(out: Path, steps: int | None = None, rho1: bool = True, resume: str
         f"[demo] training the demo-cpu MoE ({cfg.train.max_steps} steps) into {out / 'moe'}",
         file=sys.stderr,
     )
-    summary = loop.run_training(cfg, out / "moe", resume=resume)
+    summary = run_training(cfg, out / "moe", resume=resume)
     hint = f"sigma-moe demo --out {out}" + (f" --steps {steps}" if steps else "")
     hint += ("" if rho1 else " --no-rho1") + " --resume auto"
     require_complete(summary, "demo-cpu MoE", out / "moe", hint)

@@ -33,10 +33,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from sigma_moe.config import load_config
 from sigma_moe.data.batch import IGNORE_INDEX, masked_labels
-from sigma_moe.data.tokenizer import BUNDLED_VOCAB_SIZE
+from sigma_moe.data.dataset import build_val_datasets, collate
+from sigma_moe.data.tokenizer import BUNDLED_VOCAB_SIZE, load_tokenizer
+from sigma_moe.rho1.reference import load_reference, score_batch
 from sigma_moe.rho1.score_cli import prefill
+from sigma_moe.rho1.selection import token_weights
+from sigma_moe.run import run_training
+from sigma_moe.train.callbacks import require_complete
+from sigma_moe.model.inference import load_model_for_inference
 
 from . import config_path
 
@@ -63,14 +71,11 @@ class _Timer:
 
 
 def _train(cfg, out: Path, label: str, resume: str = "none", hint: str = "") -> dict[str, Any]:
-    from sigma_moe.rho1.callback import Rho1Callback
-    from sigma_moe.train.callbacks import require_complete
-    from sigma_moe.train.loop import run_training
-
     timer = _Timer()
     print(f"\n=== {label}: {out} ===", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    summary = run_training(cfg, out, resume=resume, extra_callbacks=[Rho1Callback(cfg, out), timer])
+    # the run assembly adds the Rho-1 objective when cfg.rho1.mode selects tokens
+    summary = run_training(cfg, out, resume=resume, extra_callbacks=[timer])
     wall = time.perf_counter() - t0
     require_complete(summary, label, out, hint or "rerun the same command with resume='auto'")
     steps_s = sum(timer.step_times)
@@ -120,14 +125,6 @@ def _sets(args) -> list[str]:
 def _passages(target_ckpt: Path, ref_path: Path, cfg, ratio: float, n_per_domain: int = 2):
     """Validation passages of each domain scored by the final SLM model and the reference;
     selection with one threshold over the whole set (as a global batch would)."""
-    import torch
-
-    from sigma_moe.data.dataset import build_val_datasets, collate
-    from sigma_moe.data.tokenizer import load_tokenizer
-    from sigma_moe.rho1.reference import load_reference, score_batch
-    from sigma_moe.rho1.selection import token_weights
-    from sigma_moe.train.checkpoint import load_model_for_inference
-
     tok = load_tokenizer(cfg.data.tokenizer)
     model, _, _ = load_model_for_inference(target_ckpt)
     ref = load_reference(ref_path, tok)

@@ -30,7 +30,8 @@ class World:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port nobody listens on now (for a rendezvous on this machine)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -44,7 +45,7 @@ def init_distributed() -> World:
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ["MASTER_PORT"] = str(free_port())
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
@@ -96,8 +97,9 @@ def lr_at(cfg: RunConfig, step: int) -> float:
 def effective_zero_stage(zero_stage: int, world_size: int) -> int:
     """ZeRO-1/2 with one process partition nothing, but DeepSpeed still copies every gradient
     into its flat buckets, reduces them over the 1-process group, steps a flat fp32 copy of the
-    weights and copies it back (~1/3 of a demo-cpu step at E=96, ENV-NOTES.md). One process runs
-    the same arithmetic as ZeRO-0; the resolved config and the checkpoint say so."""
+    weights and copies it back: ~1/3 of a demo-cpu step at E=96 (sampling profile of ZeRO-1 on
+    one process, docs/benchmarks/train-2026-12-01.md). One process runs the same arithmetic as
+    ZeRO-0; the resolved config and the checkpoint say so."""
     return 0 if world_size == 1 else zero_stage
 
 
@@ -113,9 +115,10 @@ def deepspeed_config(cfg: RunConfig, dp_size: int) -> dict[str, Any]:
         "gradient_clipping": tr.grad_clip if stage > 0 else 0.0,
         "zero_optimization": {"stage": stage},
         "bf16": {"enabled": tr.precision == "bf16"},
-        # We pass torch's AdamW (fused on CPU: ~30 ms/step vs ~150 ms for 43M params, DESIGN.md).
+        # We pass torch's AdamW (fused on CPU: ~30 ms/step vs ~150 ms unfused for 43M params,
+        # measured on this 2-core machine, 2026-11).
         "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
+        "steps_per_print": 10**9,  # never: the loop logs (metrics.jsonl, progress bar)
         "wall_clock_breakdown": False,
     }
     for k, v in cfg.parallel.deepspeed.items():
@@ -128,6 +131,7 @@ def deepspeed_config(cfg: RunConfig, dp_size: int) -> dict[str, Any]:
 
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     groups = moe_param_groups(model, cfg.train.weight_decay)
+    # eps: torch's AdamW default (the run config does not expose it)
     kw = dict(lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), eps=1e-8)
     try:
         return torch.optim.AdamW(groups, fused=True, **kw)
@@ -137,7 +141,7 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optim
 
 def measure_peak_flops(device: torch.device, n: int = 1024, repeats: int = 5) -> float:
     """Dense fp32 GEMM FLOP/s of this device, measured: the MFU denominator on CPU, where no
-    datasheet number applies. ~0.2 s."""
+    datasheet number applies. The best of ``repeats`` n x n GEMMs after one warm-up; ~0.2 s."""
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
     a @ b
