@@ -9,44 +9,81 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from sigma_moe.config import config_from_dict, parse_overrides
+from sigma_moe.config import apply_overrides, config_from_dict
+from sigma_moe.data.batch import block_causal_mask, masked_labels
 from sigma_moe.data.dataset import build_val_datasets, collate
 from sigma_moe.data.tokenizer import load_tokenizer
-from sigma_moe.train.checkpoint import load_model_for_inference
+from sigma_moe.model.inference import load_model_for_inference
 
 
 @torch.no_grad()
-def evaluate_model(model, val_ds: dict, clean: list[str], batch_size: int = 8) -> dict:
-
+def domain_val_losses(
+    model, val_ds: dict, batch_size: int, rank: int = 0, dp: int = 1, device=None
+) -> dict[str, float]:
+    """Per-domain validation CE (summed over each domain's counted tokens, then divided) of
+    ``model`` (a SigmaMoEForCausalLM or the DeepSpeed engine around one) over each held-out
+    split. With ``dp`` ranks each evaluates its share and the sums are all-reduced, so every rank
+    returns the same numbers."""
+    was_training = model.training
     model.eval()
-    res: dict = {"val_loss": {}}
+    out: dict[str, float] = {}
     for name, ds in val_ds.items():
-        tot, n = 0.0, 0.0
-        for i in range(0, len(ds), batch_size):
-            b = collate([ds[j] for j in range(i, min(i + batch_size, len(ds)))])
-            labels = b["labels"].masked_fill(b["loss_mask"] <= 0, -100)
-            out = model(b["input_ids"], labels=labels, return_logits=False)
-            tot += float(out.loss_per_token.sum())
-            n += float((labels != -100).sum())
-        res["val_loss"][name] = tot / max(n, 1.0)
-    present = [c for c in clean if c in res["val_loss"]]
-    res["clean_val_loss"] = (
-        float(np.mean([res["val_loss"][c] for c in present])) if present else None
-    )
-    return res
+        n = len(ds)
+        tot = torch.zeros(2, dtype=torch.float64)
+        # Every rank runs the same number of forwards (EP all-to-alls must pair up); a rank past
+        # the end repeats sample 0 and counts nothing.
+        per_rank = -(-n // dp)
+        idx = list(range(rank * per_rank, min(n, (rank + 1) * per_rank)))
+        for i in range(0, per_rank, batch_size):
+            chunk = idx[i : i + batch_size] or [0]
+            b = collate([ds[j] for j in chunk])
+            b = {k: v.to(device) for k, v in b.items() if torch.is_tensor(v)}
+            res = model(
+                b["input_ids"],
+                labels=masked_labels(b),
+                attn_mask_BSS=block_causal_mask(b.get("doc_ids")),
+                return_logits=False,
+            )
+            real = float(bool(idx[i : i + batch_size]))
+            tot += real * torch.tensor(
+                [float(res.loss_per_token.sum()), float((b["loss_mask"] > 0).sum())],
+                dtype=torch.float64,
+            )
+        if dp > 1:
+            dist.all_reduce(tot)
+        out[name] = float(tot[0] / max(float(tot[1]), 1.0))
+    model.train(was_training)
+    return out
+
+
+def eval_metrics(val_loss: dict[str, float], clean: list[str]) -> dict[str, float]:
+    """The logged eval line: ``val_loss/<domain>``, ``clean_val_loss`` (mean over the clean
+    domains, when there are any), ``val_loss`` (mean over domains) and ``val_loss_worst``."""
+    out = {f"val_loss/{name}": v for name, v in val_loss.items()}
+    present = [c for c in clean if c in val_loss]
+    if present:
+        out["clean_val_loss"] = float(np.mean([val_loss[c] for c in present]))
+    out["val_loss"] = float(np.mean(list(val_loss.values())))
+    out["val_loss_worst"] = float(np.max(list(val_loss.values())))
+    return out
+
+
+def evaluate_model(model, val_ds: dict, clean: list[str], batch_size: int = 8) -> dict:
+    """One process: ``{"val_loss": {domain: loss}, "clean_val_loss": float | None}`` (what
+    ``sigma-moe eval --json`` writes)."""
+    val_loss = domain_val_losses(model, val_ds, batch_size)
+    return {
+        "val_loss": val_loss,
+        "clean_val_loss": eval_metrics(val_loss, clean).get("clean_val_loss"),
+    }
 
 
 def evaluate_checkpoint(ckpt: str | Path, json_path: str | None = None, set_overrides=None) -> dict:
 
     model, cfg_dict, _ = load_model_for_inference(ckpt)
-    for k, v in parse_overrides(set_overrides or []):
-        node = cfg_dict
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    cfg = config_from_dict(cfg_dict)
+    cfg = config_from_dict(apply_overrides(cfg_dict, set_overrides or []))
     tok = load_tokenizer(cfg.data.tokenizer)
     val = build_val_datasets(
         cfg.data.domains,
@@ -54,7 +91,9 @@ def evaluate_checkpoint(ckpt: str | Path, json_path: str | None = None, set_over
         tok,
         max_samples_per_domain=cfg.data.val_samples_per_domain,
     )
-    res = evaluate_model(model, val, [d.name for d in cfg.data.domains if d.clean])
+    # the run's micro-batch: the same forwards as the loop's eval, so the same numbers (bitwise)
+    clean = [d.name for d in cfg.data.domains if d.clean]
+    res = evaluate_model(model, val, clean, batch_size=cfg.train.micro_batch_size)
     for name, v in res["val_loss"].items():
         print(f"val_loss/{name:<12} {v:.4f}")
     if res["clean_val_loss"] is not None:

@@ -45,6 +45,7 @@ from sigma_moe.train.engine import (
     measure_peak_flops,
     topk_for_step,
 )
+from sigma_moe.train.evaluate import domain_val_losses, eval_metrics
 from sigma_moe.train.hooks import Callback, ClmObjective, Objective, as_callback
 from sigma_moe.train.runlock import RunLock, check_run_folder
 from sigma_moe.train.sampling import DomainLosses, Sampler, StaticSampler
@@ -360,44 +361,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ eval
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Per-domain validation CE over each domain's held-out split, shared across ranks."""
-        self.engine.eval()
-        mb = self.cfg.train.micro_batch_size
-        out: dict[str, float] = {}
-        for name, ds in self.val_ds.items():
-            n = len(ds)
-            tot = torch.zeros(2, dtype=torch.float64)
-            # Every rank runs the same number of forwards (EP all-to-alls must pair up).
-            per_rank = -(-n // self.dp)
-            idx = list(range(self.world.rank * per_rank, min(n, (self.world.rank + 1) * per_rank)))
-            for i in range(0, per_rank, mb):
-                chunk = idx[i : i + mb] or [0]
-                b = collate([ds[j] for j in chunk])
-                b = {k: v.to(self.world.device) for k, v in b.items() if torch.is_tensor(v)}
-                res = self.engine(
-                    b["input_ids"],
-                    labels=_labels_from(b),
-                    attn_mask_BSS=_attn_mask(b),
-                    return_logits=False,
-                )
-                real = float(bool(idx[i : i + mb]))
-                tot += real * torch.tensor(
-                    [float(res.loss_per_token.sum()), float((b["loss_mask"] > 0).sum())],
-                    dtype=torch.float64,
-                )
-            if self.dp > 1:
-                dist.all_reduce(tot)
-            out[f"val_loss/{name}"] = float(tot[0] / max(float(tot[1]), 1.0))
-        clean = [d.name for d in self.cfg.data.domains if d.clean and f"val_loss/{d.name}" in out]
-        if clean:
-            out["clean_val_loss"] = float(np.mean([out[f"val_loss/{c}"] for c in clean]))
-        per_domain = [v for k, v in out.items() if k.startswith("val_loss/")]
-        out["val_loss"] = float(np.mean(per_domain))
-        out["val_loss_worst"] = float(np.max(per_domain))
-        self.engine.train()
-        return out
+        clean = [d.name for d in self.cfg.data.domains if d.clean]
+        mb, rank, device = self.cfg.train.micro_batch_size, self.world.rank, self.world.device
+        val_loss = domain_val_losses(self.engine, self.val_ds, mb, rank, self.dp, device)
+        return eval_metrics(val_loss, clean)
 
     # ------------------------------------------------------------------ run
 
