@@ -6,7 +6,7 @@ vs online-bandit vs the RegMix-proposed mixture, at equal steps and seed.
 
 import sys
 
-from sigma_moe.mixing.experiment import main
+from sigma_moe.experiments.mixing import main
 
 if __name__ == "__main__":
     sys.exit(main())

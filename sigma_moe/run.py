@@ -4,7 +4,7 @@ The layers below never reach up: ``sigma_moe.train`` runs a loop over a ``Sample
 ``Objective`` it is given; the data-centric policies (``sigma_moe.rho1``, ``sigma_moe.mixing``)
 implement those interfaces. This module picks them: the Rho-1 objective when ``rho1.mode``
 selects tokens (unless the caller brings one among ``extra_callbacks``), and the sampler of
-``data.mixing.kind`` (``sigma_moe.mixing.run``).
+``data.mixing.kind`` (``sigma_moe.run_mixing``).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from sigma_moe import run_mixing
 from sigma_moe.config import RunConfig
-from sigma_moe.mixing import run as mixing_run
 from sigma_moe.rho1.callback import Rho1Callback
 from sigma_moe.train.hooks import Objective
 
@@ -35,4 +35,4 @@ def run_training(
     objective = None
     if not any(isinstance(cb, Objective) for cb in extra):
         objective = build_objective(cfg, out_dir)
-    return mixing_run.run_training(cfg, out_dir, resume, extra, objective=objective)
+    return run_mixing.run_training(cfg, out_dir, resume, extra, objective=objective)

@@ -108,14 +108,15 @@ class RunConfig:
                 "data.mixing.kind=online-doremi needs a reference model (its per-token losses "
                 "give the excess loss); set rho1.reference to a checkpoint folder",
             )
-        if kind != "static" and self.rho1.mode != "none":
-            # The side process scores ahead in the static blend's global order, which an online
-            # mixer does not have (see docs/mixing.md).
+        if kind != "static" and (kind == "online-doremi" or self.rho1.mode != "none"):
+            # A prefilled store is scored offline in the static blend's global order, which an
+            # online mixer does not have; the side process scores the mixer's plan instead
+            # (sigma_moe/run_mixing.py, docs/mixing.md).
             check(
-                self.rho1.scorer == "inline",
+                self.rho1.scorer != "prefilled",
                 "rho1.scorer",
-                f"{self.rho1.scorer!r} cannot serve data.mixing.kind={kind!r} (it scores ahead "
-                "in the static blend order); use rho1.scorer=inline",
+                f"'prefilled' cannot serve data.mixing.kind={kind!r} (a prefilled store follows "
+                "the static blend order); use rho1.scorer=process or inline",
             )
 
     def to_dict(self) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sigma_moe.config import RunConfig
 from sigma_moe.train.sampling import DomainLosses, Sampler, SamplerError, check_same_domains
 
 
@@ -30,6 +31,20 @@ def apply_floor(p: np.ndarray, floor: float) -> np.ndarray:
     """Map a distribution ``p`` to one whose entries are all ``>= floor``."""
     K = p.shape[0]
     return floor + (1.0 - K * floor) * p
+
+
+def _allocate(
+    w: np.ndarray, target: np.ndarray, assigned: np.ndarray, n: int
+) -> list[tuple[int, int]]:
+    """Megatron's deterministic blending rule for ``n`` slots (``target``, ``assigned`` are
+    updated in place): ``target += w``, the domain is ``argmax(target − assigned)``."""
+    keys = []
+    for _ in range(n):
+        target += w
+        d = int(np.argmax(target - assigned))
+        keys.append((d, int(assigned[d])))
+        assigned[d] += 1
+    return keys
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -83,15 +98,15 @@ class OnlineSampler(Sampler):
                 f"online sampler asked for step {step}, but its state is at step "
                 f"{self.next_step}: steps are drawn in order (a resume restores the state first)"
             )
-        keys = []
-        for _ in range(self.G):
-            self.target += self.w
-            d = int(np.argmax(self.target - self.assigned))
-            keys.append((d, int(self.assigned[d])))
-            self.assigned[d] += 1
+        keys = _allocate(self.w, self.target, self.assigned, self.G)
         self.next_step = step + 1
         self._cache = (step, keys)
         return list(keys)
+
+    def upcoming_keys(self, n: int) -> list[tuple[int, int]]:
+        """The keys of the next ``n`` slots from the state now, without moving it: exactly the
+        keys the next steps read until the weights next change (the Rho-1 scorer's plan)."""
+        return _allocate(self.w, self.target.copy(), self.assigned.copy(), int(n))
 
     def weights(self) -> list[float]:
         return [float(x) for x in self.w]
@@ -248,3 +263,24 @@ class Exp3Sampler(OnlineSampler):
         self.R = np.array(st["R"], dtype=np.float64)
         self.prev_loss = np.array(st["prev_loss"], dtype=np.float64)
         self.pi = np.array(st["pi"], dtype=np.float64)
+
+
+def build_sampler(cfg: RunConfig, domain_names: list[str]) -> Sampler:
+    """The online mixer of ``cfg.data.mixing`` over ``domain_names`` (config order)."""
+    m = cfg.data.mixing
+    G = cfg.train.global_batch_size
+    if m.kind == "online-doremi":
+        return DoReMiSampler(
+            domain_names,
+            G,
+            [d.weight for d in cfg.data.domains],
+            m.update_every,
+            m.floor,
+            lr=m.doremi_lr,
+            smoothing=m.doremi_smoothing,
+        )
+    if m.kind == "online-bandit":
+        return Exp3Sampler(
+            domain_names, G, m.update_every, m.floor, reward=m.bandit_reward, alpha=m.bandit_alpha
+        )
+    raise ValueError(f"config key 'data.mixing.kind': {m.kind!r} is not an online mixer")

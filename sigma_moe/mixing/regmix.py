@@ -21,20 +21,23 @@ from mixture to validation loss → the mixture it predicts best.
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import json
+import multiprocessing
 import os
 import shutil
 import signal
-import subprocess
 import sys
+import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import yaml
 from scipy.stats import spearmanr
 from sklearn.ensemble import HistGradientBoostingRegressor
@@ -44,14 +47,18 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import PolynomialFeatures
 from tqdm.auto import tqdm
 
-from sigma_moe.config import load_config, parse_overrides
+from sigma_moe.config import config_from_dict, load_config, parse_overrides
 from sigma_moe.data.dataset import domain_token_counts
+from sigma_moe.train import loop
 from sigma_moe.train.callbacks import StageInterrupted
 
-# A proxy: the base recipe shrunk to the test preset and 120 steps. Measured here (2-core CPU,
-# test-tiny, 8 × 64 tokens a step, 1 thread): ~0.2 s a step + ~15 s start-up, so 48 proxies two
-# at a time take about 24 × 40 s ≈ 16 min, inside the issue's 30-minute budget.
+# A proxy: the base recipe shrunk to the test preset and 120 steps, plain causal LM (RegMix's
+# proxies; a Rho-1 recipe's selection would need its reference in every proxy). Measured here
+# (quiet 2-core CPU, test-tiny, 8 × 64 tokens a step, 1 thread): 16.8 s a proxy in a warm
+# ProxyPool worker, so 48 proxies two at a time take about 24 × 17 s ≈ 7 min plus the workers'
+# start-up, inside the issue's 30-minute budget with room for a loaded machine.
 DEFAULT_PROXY_SETS = [
+    "rho1.mode=none",
     "model.preset=test-tiny",
     "data.seq_len=64",
     "data.val_samples_per_domain=16",
@@ -118,48 +125,96 @@ def propose(
     return best, float(model.predict(best[None])[0])
 
 
-def subprocess_train_fn(spec: SearchSpec, threads: int) -> TrainFn:
-    """A proxy as ``python -m sigma_moe train`` in its own process (its own thread budget)."""
-    base = load_config(spec.config, spec.proxy_sets)
+class ProxyPool:
+    """Proxies trained by ``parallel`` long-lived worker processes, each with ``threads`` torch
+    threads, each training one proxy after another in-process (``train_proxy``).
 
-    def train(mix: np.ndarray, i: int, folder: Path) -> dict[str, float]:
-        cfg = base.to_dict()
+    Why not one ``sigma-moe train`` process per proxy: measured here (quiet 2-core CPU, the
+    default proxy, 1 thread) a fresh process took 33.5 s a proxy, of which ~13 s were imports
+    (megatron.core alone ~10 s), against 16.8 s for the second proxy of a warm process; the
+    losses are bitwise the same (6.454138044219771 both ways). Workers are spawned (the parent
+    has torch loaded) and get SIGTERM when the search process dies (``_die_with_parent``), so a
+    killed search leaves no proxies running; a proxy cut short saves and stops like any run.
+    """
+
+    def __init__(self, spec: SearchSpec, threads: int, parallel: int):
+        self.base = load_config(spec.config, spec.proxy_sets).to_dict()
+        ctx = multiprocessing.get_context("spawn")
+        saved = os.environ.get("OMP_NUM_THREADS")
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by the spawned workers
+        try:
+            self.pool = ProcessPoolExecutor(
+                max(1, parallel), ctx, initializer=_worker_init, initargs=(threads,)
+            )
+            # start the workers now, inside the environment above
+            list(self.pool.map(_worker_ready, range(max(1, parallel))))
+        finally:
+            if saved is None:
+                os.environ.pop("OMP_NUM_THREADS", None)
+            else:
+                os.environ["OMP_NUM_THREADS"] = saved
+
+    def __call__(self, mix: np.ndarray, i: int, folder: Path) -> dict[str, float]:
+        cfg = copy.deepcopy(self.base)
         for d, w in zip(cfg["data"]["domains"], mix):
             d["weight"] = float(w)
-        shutil.rmtree(folder, ignore_errors=True)  # a proxy killed halfway starts again
-        folder.mkdir(parents=True)
-        (folder / "proxy.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), WANDB_MODE="disabled")
-        cmd = [sys.executable, "-m", "sigma_moe", "train", str(folder / "proxy.yaml")]
-        r = subprocess.run(
-            [*cmd, "--out", str(folder / "run")],
-            env=env,
-            capture_output=True,
-            text=True,
-            preexec_fn=_die_with_parent,
-        )
-        if r.returncode != 0:
-            raise RuntimeError(f"proxy {i} failed (exit {r.returncode}): {r.stderr[-1500:]}")
-        summary = json.loads((folder / "run" / "summary.json").read_text())
-        if not summary.get("complete", True):  # Ctrl-C / SIGTERM: the proxy saved and stopped
-            raise StageInterrupted(
-                f"proxy {i} stopped ({summary.get('stopped_by')}) at step {summary.get('steps')}"
-                f" of {summary.get('max_steps')}: the search stopped and its numbers are not "
-                "used; run the same mix-search command again to continue"
-            )
-        last = summary["last_eval"]
-        return {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("val_loss/")}
+        return self.pool.submit(train_proxy, cfg, i, str(folder)).result()
 
-    return train
+    def __enter__(self) -> ProxyPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is not None:  # stop the running proxies now (each saves and stops)
+            for p in list(getattr(self.pool, "_processes", {}).values()):
+                p.terminate()
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _die_with_parent() -> None:
-    """A proxy gets SIGTERM when the search process dies (Linux prctl PR_SET_PDEATHSIG), so a
+    """A worker gets SIGTERM when the search process dies (Linux prctl PR_SET_PDEATHSIG), so a
     killed search leaves no proxies running."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
     except OSError:
         pass
+
+
+def _worker_init(threads: int) -> None:
+    _die_with_parent()
+    torch.set_num_threads(threads)
+    os.environ["WANDB_MODE"] = "disabled"
+
+
+def _worker_ready(_: int) -> int:
+    return os.getpid()
+
+
+def train_proxy(cfg_dict: dict, i: int, folder: str) -> dict[str, float]:
+    """One proxy (in a ``ProxyPool`` worker): its static mixture trained by this trainer into
+    ``folder/run``; its output goes to ``folder/train.log``. Returns the final per-domain
+    validation losses."""
+    out = Path(folder)
+    shutil.rmtree(out, ignore_errors=True)  # a proxy killed halfway starts again
+    out.mkdir(parents=True)
+    (out / "proxy.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
+    with (out / "train.log").open("w") as log:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(log.fileno(), 1)  # the worker's own stdout / stderr; results travel by pipe
+        os.dup2(log.fileno(), 2)
+        try:
+            summary = loop.run_training(config_from_dict(cfg_dict), out / "run")
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+    if not summary.get("complete", True):  # Ctrl-C / SIGTERM: the proxy saved and stopped
+        raise StageInterrupted(
+            f"proxy {i} stopped ({summary.get('stopped_by')}) at step {summary.get('steps')}"
+            f" of {summary.get('max_steps')}: the search stopped and its numbers are not "
+            "used; run the same mix-search command again to continue"
+        )
+    last = summary["last_eval"]
+    return {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("val_loss/")}
 
 
 def _load_done(path: Path) -> dict[int, dict]:
@@ -201,7 +256,8 @@ def run_proxies(
     done = _load_done(log)
     todo = [i for i in range(spec.num_proxies) if i not in done]
     bar = tqdm(total=spec.num_proxies, initial=len(done), desc="proxies", disable=not progress)
-    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, parallel))
+    try:
         futs = {pool.submit(train_fn, mixes[i], i, out / "proxies" / f"{i:03d}"): i for i in todo}
         for fut in as_completed(futs):
             i = futs[fut]
@@ -210,7 +266,9 @@ def run_proxies(
                 f.write(json.dumps(rec) + "\n")
             done[i] = rec
             bar.update(1)
-    bar.close()
+    finally:  # a failure or a kill: the queued proxies never start
+        pool.shutdown(wait=False, cancel_futures=True)
+        bar.close()
     return mixes, [done[i]["val_loss"] for i in range(spec.num_proxies)]
 
 
@@ -279,6 +337,24 @@ def write_outputs(spec: SearchSpec, out: Path, res: dict[str, Any], base_domains
     return frag
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _log_timing(out: Path, wall_s: float, parallel: int, threads: int) -> None:
+    """One line per search invocation (a resumed search adds its own), for the wall time."""
+    rec = {
+        "wall_s": round(wall_s, 1),
+        "proxies_done": len(_load_done(out / "proxies.jsonl")),
+        "parallel": parallel,
+        "threads_each": threads,
+        "load_avg_end": os.getloadavg()[0],
+        "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    with (out / "timing.jsonl").open("a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sigma-moe mix-search", description=__doc__.split("\n\n")[0].strip()
@@ -313,6 +389,12 @@ def main(argv: list[str] | None = None) -> int:
     proxy_sets = DEFAULT_PROXY_SETS + list(a.set)
     parse_overrides(proxy_sets)
     base = load_config(a.config, proxy_sets)  # a bad recipe or override fails here
+    if base.rho1.mode != "none" or base.data.mixing.kind != "static":
+        raise ValueError(
+            "mix-search proxies are plain static-mixture runs: --set rho1.mode / "
+            f"data.mixing.kind cannot change that (got rho1.mode={base.rho1.mode!r}, "
+            f"data.mixing.kind={base.data.mixing.kind!r})"
+        )
     names = [d.name for d in base.data.domains]
     targets = a.targets.split(",") if a.targets else names
     bad = [t for t in targets if t not in names]
@@ -337,15 +419,26 @@ def main(argv: list[str] | None = None) -> int:
         mixes = np.array([r["mixture"] for r in done.values()])
         losses = [r["val_loss"] for r in done.values()]
     else:
-        mixes, losses = run_proxies(
-            spec, out, subprocess_train_fn(spec, threads), a.parallel, not a.no_progress
-        )
+        t0 = time.monotonic()
+        # SIGTERM ends the search like Ctrl-C: the finished proxies and the time are kept
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        try:
+            with ProxyPool(spec, threads, a.parallel) as pool:
+                mixes, losses = run_proxies(spec, out, pool, a.parallel, not a.no_progress)
+        finally:  # a killed (Ctrl-C / SIGTERM) search logs its time too
+            _log_timing(out, time.monotonic() - t0, a.parallel, threads)
     res = fit_and_propose(spec, mixes, losses, a.model)
+    timing = out / "timing.jsonl"
+    res["timing"] = (
+        [json.loads(x) for x in timing.read_text().splitlines()] if timing.is_file() else []
+    )
+    res["wall_s_total"] = sum(t["wall_s"] for t in res["timing"])
     frag = write_outputs(spec, out, res, base.data.domains)
     print(
         f"proposed mixture {json.dumps({k: round(v, 3) for k, v in res['proposed'].items()})}\n"
         f"predicted target loss {res['predicted_proposed']:.4f} (uniform "
         f"{res['predicted_uniform']:.4f}, natural {res['predicted_natural']:.4f}); "
-        f"5-fold Spearman {res['cv_spearman']:.2f}\nwrote {frag} and {out / 'plots'}"
+        f"5-fold Spearman {res['cv_spearman']:.2f}; search wall time {res['wall_s_total']:.0f} s"
+        f"\nwrote {frag} and {out / 'plots'}"
     )
     return 0

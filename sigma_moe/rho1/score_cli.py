@@ -37,6 +37,11 @@ def prefill(
 ) -> dict[str, Any]:
     """Score global samples [start, num_samples) of the run's dataset into the store."""
     cfg = as_run_config(cfg)
+    if cfg.data.mixing.kind != "static":
+        raise ValueError(
+            f"data.mixing.kind={cfg.data.mixing.kind!r}: an online mixer's samples have no global "
+            "order to prefill; train with rho1.scorer=process (it scores the mixer's plan)"
+        )
     ds = build_dataset(cfg, num_samples)
     ref = load_reference(reference, ds.tokenizer, device=default_device())
     store = open_store(store_path, ds, "w", ref.fingerprint)

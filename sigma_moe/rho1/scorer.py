@@ -11,7 +11,10 @@ Four modes behind one API (``ScorerSupervisor``; ``rho1.scorer``), one small str
   the trainer only reads the store. ``advance(consumed)`` moves its window; ``wait_for(keys)``
   blocks until the rows exist, checks the process is alive, restarts it
   (``scorer_max_restarts``) if it died or stopped making progress for ``scorer_timeout_s``, and
-  otherwise raises ``ScorerError``. Every wait is bounded: it never hangs.
+  otherwise raises ``ScorerError``. Every wait is bounded: it never hangs. With an online
+  ``data.mixing.kind`` (``planned``: its samples have no global order) the trainer publishes
+  the keys it will read next (``plan(keys)``) and the side process scores those instead of a
+  window; a wait for keys the plan missed puts them first.
 - ``process`` with ``spawn=False`` (``_FollowerMode``): the other trainer ranks of a node read
   the store that the node's scorer (run by local rank 0) fills, and only wait.
 - ``inline`` (``_InlineMode``): scores missing keys in the trainer's process on demand (tests,
@@ -105,6 +108,9 @@ class _Mode:
     def advance(self, position: int) -> None:
         pass
 
+    def publish(self, keys) -> None:
+        pass
+
     def alive(self) -> bool:
         return True
 
@@ -196,6 +202,7 @@ class _ProcessMode(_Mode):
         super().__init__(sup)
         self.proc = None
         self._last_err = None
+        self._plan = None  # planned supervisors: the shared (keys, count), made on first start
 
     def open(self, ds):
         self._spawn()
@@ -230,11 +237,14 @@ class _ProcessMode(_Mode):
             self._heartbeat = ctx.Value("q", 0)
             self._stop = ctx.Event()
             self._errq = ctx.Queue()
+            if self.sup.planned:  # (domain, index) pairs and their count
+                self._plan = (ctx.Array("q", 2 * self.sup.plan_capacity), ctx.Value("q", 0))
+                self.publish(self.sup.planned_keys)
         self._ready = ctx.Event()
         shared = (self._pos, self._written, self._heartbeat, self._ready, self._stop, self._errq)
         self.proc = ctx.Process(
             target=run_worker,
-            args=(self._worker_args(), *shared),
+            args=(self._worker_args(), *shared, self._plan),
             name="sigma-moe-scorer",
             daemon=True,
         )
@@ -311,8 +321,19 @@ class _ProcessMode(_Mode):
         )
         self._spawn()
 
+    def publish(self, keys) -> None:
+        if self._plan is None:
+            return
+        arr, count = self._plan
+        flat = [x for k in keys[: self.sup.plan_capacity] for x in k]
+        with arr.get_lock():
+            arr[: len(flat)] = flat
+            count.value = len(flat) // 2
+
     def fetch(self, keys, timeout: float):
         store = self.sup.store
+        if self.sup.planned:  # the keys waited for go first, then the rest of the plan
+            self.publish(list(dict.fromkeys(store.missing(keys))) + self.sup.planned_keys)
 
         def restarted_dead() -> bool:
             if self.proc.is_alive():
@@ -415,6 +436,12 @@ class ScorerSupervisor:
         self.wait_s_total = 0.0
         self.last_wait_s = 0.0
         self.position = 0
+        # An online data.mixing.kind has no global sample order: the trainer's run assembly
+        # gives the keys it reads next (``plan``); the side process scores those.
+        self.planned = self.cfg.data.mixing.kind != "static"
+        # a plan: the next step's keys and the lookahead, plus the keys of a wait put first
+        self.plan_capacity = 2 * int(self.cfg.train.global_batch_size) + self.lookahead
+        self.planned_keys: list[tuple[int, int]] = []
         self.store = None
         follower = self.mode == "process" and not self.spawn
         self._strategy: _Mode = (_FollowerMode if follower else _MODES[self.mode])(self)
@@ -476,6 +503,12 @@ class ScorerSupervisor:
         """The trainer's position: global samples before it are consumed."""
         self.position = int(consumed_samples)
         self._strategy.advance(self.position)
+
+    def plan(self, keys: Sequence[tuple[int, int]]) -> None:
+        """The keys the trainer reads next, in order (``planned`` supervisors; the side process
+        scores the first ``plan_capacity`` that lack rows; other modes ignore it)."""
+        self.planned_keys = [(int(d), int(i)) for d, i in keys][: self.plan_capacity]
+        self._strategy.publish(self.planned_keys)
 
     def alive(self) -> bool:
         return self._strategy.alive()

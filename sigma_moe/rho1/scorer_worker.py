@@ -2,7 +2,8 @@
 
 Started (``torch.multiprocessing`` spawn) and restarted by the ``process`` mode of
 ``ScorerSupervisor`` (``scorer.py``); shares with it the trainer position, a rows-written
-counter, a heartbeat, ready / stop events and an error queue.
+counter, a heartbeat, ready / stop events and an error queue. With a ``plan`` (an online
+mixer: no global order) it scores the keys the trainer published instead of a window.
 """
 
 from __future__ import annotations
@@ -18,7 +19,14 @@ import torch
 from sigma_moe.data.tokenizer import load_tokenizer
 from sigma_moe.rho1.reference import load_reference
 
-from .scoring import SampleOwner, as_run_config, build_dataset, open_store, score_range
+from .scoring import (
+    SampleOwner,
+    as_run_config,
+    build_dataset,
+    open_store,
+    score_keys,
+    score_range,
+)
 
 
 @dataclass
@@ -39,8 +47,18 @@ class WorkerArgs:
     hang_after_rows: int | None = None  # fault injection (tests)
 
 
-def run_worker(args: WorkerArgs, pos, written, heartbeat, ready, stop, errq) -> None:
-    """Entry point of the scorer side process."""
+def read_plan(plan) -> list[tuple[int, int]]:
+    """The keys in a shared plan: ``(keys, count)``, keys an int64 array of (domain, index)
+    pairs, both written under the array's lock by ``ScorerSupervisor.plan``."""
+    keys, count = plan
+    with keys.get_lock():
+        n = int(count.value)
+        flat = keys[: 2 * n]
+    return list(zip(flat[0::2], flat[1::2]))
+
+
+def run_worker(args: WorkerArgs, pos, written, heartbeat, ready, stop, errq, plan=None) -> None:
+    """Entry point of the scorer side process (``plan``: see ``read_plan``)."""
     # Ctrl-C reaches the whole process group: the trainer decides when the scorer stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = os.getppid()
@@ -81,6 +99,10 @@ def run_worker(args: WorkerArgs, pos, written, heartbeat, ready, stop, errq) -> 
                 break  # the trainer died (e.g. SIGKILL): do not linger as an orphan
             with heartbeat.get_lock():
                 heartbeat.value += 1
+            if plan is not None:  # an online mixer's keys (the first that lack rows)
+                if score_keys(ref, ds, store, read_plan(plan), args.batch_size, on_rows) == 0:
+                    time.sleep(0.01)  # plan scored: wait for the trainer's next one
+                continue
             p = int(pos.value)
             n = score_range(
                 ref,

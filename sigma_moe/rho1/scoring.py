@@ -21,7 +21,7 @@ import torch
 
 from sigma_moe.config import RunConfig, config_from_dict
 from sigma_moe.data.batch import block_causal_mask, masked_labels
-from sigma_moe.data.dataset import build_train_dataset, collate
+from sigma_moe.data.dataset import build_domain_streams, build_train_dataset, collate
 from sigma_moe.data.tokenizer import load_tokenizer
 from sigma_moe.errors import ScorerFailure
 from sigma_moe.rho1.reference import score_batch
@@ -49,10 +49,13 @@ def default_num_samples(cfg) -> int:
 
 
 def build_dataset(cfg, num_samples: int | None = None, tokenizer=None):
-    """The trainer's training dataset, deterministically rebuilt from the run config."""
+    """The trainer's training dataset, deterministically rebuilt from the run config: the static
+    blend, or for an online ``data.mixing.kind`` one stream of ``num_samples`` per domain (what
+    the mixing run assembly trains on; no global order, keys come from a plan)."""
     tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.data.tokenizer)
     n = int(num_samples) if num_samples else default_num_samples(cfg)
-    return build_train_dataset(
+    build = build_train_dataset if cfg.data.mixing.kind == "static" else build_domain_streams
+    return build(
         cfg.data.domains,
         cfg.data.seq_len,
         n,
@@ -105,6 +108,19 @@ class SampleOwner:
             return True
         j = (idx % self.G) // self.mb
         return (j % self.dp) in self.ranks
+
+
+def score_keys(ref, ds, store, keys, batch_size: int, on_rows=None) -> int:
+    """Score the first ``batch_size`` keys of ``keys`` the store lacks (one batch, so the
+    caller re-reads a plan that changed meanwhile); returns the number of rows written."""
+    todo = [k for k in dict.fromkeys(keys) if not store.has(*k)][: max(1, int(batch_size))]
+    if todo:
+        ce = score_samples(ref, [ds.get_domain_sample(d, i) for d, i in todo])
+        for (d, i), row in zip(todo, ce):
+            store.put(d, i, row)
+        if on_rows is not None:
+            on_rows(len(todo))
+    return len(todo)
 
 
 def score_range(

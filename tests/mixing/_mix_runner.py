@@ -30,7 +30,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--set", action="append", default=[])
     a = p.parse_args(argv)
     torch.set_num_threads(1)
-    from sigma_moe.mixing.run import run_training
+    from sigma_moe.run import run_training
 
     cbs = [Signal(a.kill_at, signal.SIGKILL)] if a.kill_at else []
     try:

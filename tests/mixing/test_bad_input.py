@@ -28,9 +28,13 @@ DOMS = "data.domains=[{name: a, path: bundled:prose, weight: %s}, {name: b, path
                 "data.mixing.kind=online-bandit",
                 "rho1.mode=excess",
                 "rho1.reference=x",
-                "rho1.scorer=process",
+                "rho1.scorer=prefilled",
             ],
-            r"rho1\.scorer.*inline",
+            r"rho1\.scorer.*prefilled.*process or inline",
+        ),
+        (
+            ["data.mixing.kind=online-doremi", "rho1.reference=x", "rho1.scorer=prefilled"],
+            r"rho1\.scorer.*prefilled",
         ),
         (["data.mixing.kind=online-random"], r"data\.mixing\.kind"),
     ],
@@ -38,6 +42,11 @@ DOMS = "data.domains=[{name: a, path: bundled:prose, weight: %s}, {name: b, path
 def test_config_errors_name_the_key(sets, match):
     with pytest.raises(ConfigError, match=match):
         load_config(TINY, sets)
+
+
+def test_online_mixing_accepts_the_scorer_side_process():
+    sets = ["data.mixing.kind=online-bandit", "rho1.mode=excess", "rho1.reference=x"]
+    assert load_config(TINY, [*sets, "rho1.scorer=process"]).rho1.scorer == "process"
 
 
 def test_floor_at_the_limit_is_allowed():
@@ -49,7 +58,7 @@ def test_doremi_reference_of_another_tokenizer_is_refused(tmp_path):
     from _rho1_helpers import make_ours_reference
 
     from sigma_moe.data.tokenizer import load_tokenizer
-    from sigma_moe.mixing.run import online_data_policy
+    from sigma_moe.run_mixing import online_data_policy
 
     ref = make_ours_reference(tmp_path / "ref", tokenizer_fingerprint="other-tokenizer")
     cfg = load_config(TINY, ["data.mixing.kind=online-doremi", f"rho1.reference={ref}"])

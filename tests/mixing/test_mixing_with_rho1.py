@@ -12,6 +12,59 @@ import torch
 from sigma_moe.config import load_config
 
 
+def _train(cfg, out):
+    from sigma_moe.run import run_training  # the run assembly builds the Rho-1 objective
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_training(cfg, out)
+    finally:
+        torch.set_num_threads(threads)
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [m for m in lines if "loss" in m]
+
+
+def _weights(m):
+    return {k: v for k, v in m.items() if k.startswith("mix_weight/")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rho1_mode", ["none", "excess"])
+def test_online_doremi_reads_the_scorer_side_process(tmp_path, ours_reference, rho1_mode):
+    """rho1.scorer=process: the side process scores the mixer's plan (no global order), and
+    the run is the one the inline scorer gives: same losses, same weights."""
+    sets = [
+        "train.max_steps=4",
+        "train.eval_every=4",
+        "data.val_samples_per_domain=2",
+        "data.mixing.kind=online-doremi",
+        "data.mixing.update_every=1",
+        f"rho1.mode={rho1_mode}",
+        "rho1.select_ratio=0.5",
+        "rho1.scorer_lookahead=8",
+        f"rho1.reference={ours_reference}",
+    ]
+    runs = {
+        mode: _train(
+            load_config("configs/test-tiny.yaml", [*sets, f"rho1.scorer={mode}"]), tmp_path / mode
+        )
+        for mode in ("inline", "process")
+    }
+    a, b = runs["inline"], runs["process"]
+    assert len(a) == len(b) == 4
+    assert [m["loss"] for m in b] == [m["loss"] for m in a]
+    assert [_weights(m) for m in b] == [_weights(m) for m in a]
+    assert _weights(b[-1])["mix_weight/prose"] != _weights(b[0])["mix_weight/prose"]  # moved
+    if rho1_mode == "excess":
+        assert all(abs(m["selected_frac"] - 0.5) < 0.05 for m in b)
+        doc = json.loads((tmp_path / "process" / "rho1_selection.json").read_text())
+        assert doc["scorer"]["mode"] == "process" and doc["scorer"]["scorer_restarts"] == 0
+
+
 @pytest.mark.slow
 def test_doremi_with_rho1_selection_inline(tmp_path, ours_reference):
     from sigma_moe.run import run_training  # the run assembly builds the Rho-1 objective

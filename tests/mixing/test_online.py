@@ -112,6 +112,23 @@ def test_allocation_is_deterministic_and_tracks_the_weights():
         s.keys_for_step(70)
 
 
+def test_upcoming_keys_are_the_next_steps_keys_until_an_update():
+    s = DoReMiSampler(["a", "b", "c"], 4, [0.5, 0.3, 0.2], 3, 0.0, lr=1.0, smoothing=0.0)
+    s.keys_for_step(0)
+    s.feedback(0, _losses([4.0, 4.0, 4.0], [8.0, 4.0, 4.0], [2.0, 0.0, 0.0]))
+    state = s.state_dict()
+    plan = s.upcoming_keys(8)  # steps 1 and 2: the weights change only after step 2
+    assert s.state_dict() == state  # the plan does not move the sampler
+    # by hand: after step 0 a: 2 read, b: 1, c: 1, deficits carried over (ties to the lower id)
+    assert plan[:4] == [(0, 2), (1, 1), (0, 3), (2, 1)]
+    assert s.keys_for_step(1) + s.keys_for_step(2) == plan
+    # after the update at step 2 the new weights (domain a raised) decide the plan
+    s.feedback(1, _losses([4.0, 4.0, 4.0], [8.0, 4.0, 4.0], [2.0, 0.0, 0.0]))
+    s.feedback(2, _losses([4.0, 4.0, 4.0], [8.0, 4.0, 4.0], [2.0, 0.0, 0.0]))
+    assert s.weights()[0] > 0.5
+    assert s.upcoming_keys(4) == s.keys_for_step(3)
+
+
 @pytest.mark.parametrize("cls", [DoReMiSampler, Exp3Sampler])
 def test_state_round_trip_continues_exactly(cls):
     def make():

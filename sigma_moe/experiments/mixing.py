@@ -26,7 +26,7 @@ import yaml
 
 from sigma_moe.config import DomainConfig, RunConfig, load_config
 from sigma_moe.data.dataset import domain_token_counts
-from sigma_moe.mixing.run import run_training
+from sigma_moe.run import run_training
 from sigma_moe.train.domain_stats import read_expert_load
 
 ARMS = ["uniform", "natural", "online-doremi", "online-bandit", "regmix"]
