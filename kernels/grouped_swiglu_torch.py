@@ -48,14 +48,26 @@ def _counts_list(counts_E: Tensor, N: int) -> list[int]:
 #     backward runs per range too, so its temporaries are range-sized: this keeps the layer's
 #     peak memory near the dense FFN's (a whole-N elementwise backward cost ~+50 MB here).
 # ----------------------------------------------------------------------------------------------
-_ALPHA_ROWS = 48  # one more bmm range ~ 48 padded rows of work (see the benchmark docs)
-# A range's padded temporaries live only while it runs; capping a range at 1024 padded rows
-# bounds them to ~2 MB per D-wide buffer (a single 4,700-row range held ~46 MB of temporaries in
-# the SwiGLU backward and pushed the MoE layer's peak to 1.7x the dense FFN's).
-_MAX_RANGE_ROWS = 512
+# One more bmm range costs about as much as ALPHA padded rows of work: a per-call cost (OpenMP
+# fork/join, weight packing) measured in multiply-adds per row, so ALPHA in rows falls as D x F
+# grows. Re-measured 2026-12-01 in a whole demo-cpu training step (E=96, D=256, F=128, real
+# batches, early-training imbalance: expert load max/mean 15-80), in-process A/B medians:
+# (ALPHA, range cap) = (48, 512 rows) 1.00, (128, 2048) 1.13x the step speed, (256, 4096) 1.13x,
+# (1024, 8192) 1.05x. Kept: 128 rows at D x F = 256 x 128, i.e. 4.2 M multiply-adds per call,
+# and a cap of 2048 rows at D = 256 (512 K elements per padded D-wide temporary, 2 MB fp32).
+_CALL_COST_MACS = 128 * 256 * 128
+_MAX_RANGE_ELEMS = 2048 * 256
 
 
-def _plan(counts: list[int], alpha: int = _ALPHA_ROWS, max_rows: int = _MAX_RANGE_ROWS):
+def _alpha_rows(D: int, F: int) -> int:
+    return max(16, _CALL_COST_MACS // max(D * F, 1))
+
+
+def _max_range_rows(D: int) -> int:
+    return max(256, _MAX_RANGE_ELEMS // max(D, 1))
+
+
+def _plan(counts: list[int], alpha: int, max_rows: int):
     """Split experts into contiguous ranges; returns [(e0, e1, cap, padded_row0)], P."""
     c = np.asarray(counts, dtype=np.int64)
     E = len(counts)
@@ -118,10 +130,8 @@ class _Range:
             torch.index_select(buf.view(-1, t.shape[1]), 0, self.idx, out=t[self.r0 : self.r1])
 
 
-def _ranges(
-    counts: list[int], device, alpha: int = _ALPHA_ROWS, max_rows: int = _MAX_RANGE_ROWS
-) -> list[_Range]:
-    # with many rows (top-8: N = 8T) a fixed 512-row cap degenerates into one bmm per expert;
+def _ranges(counts: list[int], device, alpha: int, max_rows: int) -> list[_Range]:
+    # with many rows (top-8: N = 8T) a fixed row cap degenerates into one bmm per expert;
     # let ranges grow with N (temporaries stay ~1/16 of an N-row activation)
     max_rows = max(max_rows, sum(counts) // 16)
     plan, _ = _plan(counts, alpha, max_rows)
@@ -131,9 +141,11 @@ def _ranges(
     return [_Range(e0, e1, cap, counts, offs, device) for e0, e1, cap, _ in plan if cap > 0]
 
 
-def _fwd_torch(x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD, alpha=_ALPHA_ROWS, max_rows=_MAX_RANGE_ROWS):
+def _fwd_torch(x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD, alpha=None, max_rows=None):
     N, D = x_ND.shape
     Fdim = wg_EDF.shape[2]
+    alpha = alpha or _alpha_rows(D, Fdim)
+    max_rows = max_rows or _max_range_rows(D)
     counts = _counts_list(counts_E, N)
     x_ND = x_ND.contiguous()
     hg = x_ND.new_empty(N, Fdim)
@@ -176,10 +188,12 @@ def _bwd_torch(
     wd_EFD,
     hg,
     hu,
-    alpha=_ALPHA_ROWS,
-    max_rows=_MAX_RANGE_ROWS,
+    alpha=None,
+    max_rows=None,
 ):
     N, D = x_ND.shape
+    alpha = alpha or _alpha_rows(D, wg_EDF.shape[2])
+    max_rows = max_rows or _max_range_rows(D)
     counts = _counts_list(counts_E, N)
     dy_ND = dy_ND.contiguous()
     x_ND = x_ND.contiguous()
@@ -190,14 +204,15 @@ def _bwd_torch(
     dwd = torch.empty_like(wd_EFD)
     dx = torch.empty_like(x_ND)
     ranges = _ranges(counts, x_ND.device, alpha, max_rows)
-    covered = [False] * len(counts)
-    for r in ranges:
-        covered[r.e0 : r.e1] = [True] * r.n
-    for e, c in enumerate(covered):
-        if not c:
-            dwg[e].zero_()
-            dwu[e].zero_()
-            dwd[e].zero_()
+    # zero the gaps between ranges (runs of empty experts) one slice per run: one zero_ per
+    # empty expert was ~75 ms of a demo-cpu step at E=96 under early-training imbalance
+    # (~60 empty experts per layer, 3 x 128 KB fills of ~85 us each, mostly OpenMP fork/join)
+    e = 0
+    for r0, r1 in [(r.e0, r.e1) for r in ranges] + [(len(counts), len(counts))]:
+        if r0 > e:
+            for dw in (dwg, dwu, dwd):
+                dw[e:r0].zero_()
+        e = r1
     for r in ranges:
         sl = slice(r.e0, r.e1)
         dyr = r.pad(dy_ND)

@@ -136,10 +136,10 @@ def run(quick: bool = False, repeats: int | None = None, device: str | None = No
                 bwd_torch_loop,
             ),
             "alt: one padded bmm (single range)": _ranged(10**9, 10**9),
-            "alt: ranged bmm, ranges <= 256 rows": _ranged(gs_mod._ALPHA_ROWS, 256),
-            "alt: ranged bmm, ranges <= 1024 rows": _ranged(gs_mod._ALPHA_ROWS, 1024),
-            "alt: ranged bmm, alpha=16": _ranged(16, gs_mod._MAX_RANGE_ROWS),
-            "alt: ranged bmm, alpha=128": _ranged(128, gs_mod._MAX_RANGE_ROWS),
+            "alt: ranged bmm, ranges <= 512 rows": _ranged(None, 512),
+            "alt: ranged bmm, ranges <= 8192 rows": _ranged(None, 8192),
+            "alt: ranged bmm, alpha=16": _ranged(16, None),
+            "alt: ranged bmm, alpha=48 (before 2026-12-01)": _ranged(48, 512),
         }
         for name, (f, b) in alts.items():
             fns[name] = lambda f=f, b=b: gsw(lambda *a, f=f, b=b: _AltGroupedSwiGLU.apply(*a, f, b))

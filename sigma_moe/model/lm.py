@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+import sigma_moe_kernels as K
 from sigma_moe.model.attention import Attention, RMSNorm, rope_cache
 from sigma_moe.model.checkpoint_io import read_model_checkpoint
 from sigma_moe.model.config import SigmaMoEConfig
@@ -145,11 +146,15 @@ class SigmaMoEForCausalLM(nn.Module):
                 x_BSD, stats = blk(x_BSD, rope, attn_mask_BSS)
             all_stats.append(stats)
         h_BSD = self.norm(x_BSD)
-        logits_BSV = self.lm_head(h_BSD)
+        logits_BSV = self.lm_head(h_BSD) if (return_logits or labels is None) else None
         loss_BS = None
-        if labels is not None:
-            # fp32 CE: bf16 logits over an 8k-150k vocab lose the small probabilities Rho-1's
-            # excess-loss ranking depends on.
+        if labels is not None and logits_BSV is None:
+            # fp32 CE (bf16 logits over an 8k-150k vocab lose the small probabilities Rho-1's
+            # excess-loss ranking depends on), chunked so the [T, V] logits never exist whole.
+            loss_BS = K.linear_cross_entropy(
+                h_BSD.reshape(B * S, -1), self.lm_head.weight, labels.reshape(-1)
+            ).view(B, S)
+        elif labels is not None:
             loss_BS = F.cross_entropy(
                 logits_BSV.float().view(B * S, -1),
                 labels.reshape(-1),
@@ -163,7 +168,7 @@ class SigmaMoEForCausalLM(nn.Module):
             "z_loss": self.config.z_loss_coeff * torch.stack([s.z_loss for s in all_stats]).sum(),
         }
         return CausalLMOutput(
-            logits=logits_BSV if (return_logits or labels is None) else None,
+            logits=logits_BSV,
             loss_per_token=loss_BS,
             aux_losses=aux,
             moe_stats=all_stats,

@@ -156,14 +156,14 @@ def test_gradcheck_torch_backend():
 def test_plan_pads_little_and_covers_every_expert():
     gen = torch.Generator().manual_seed(0)
     counts = _random_counts(4096, 96, gen)
-    plan, P = _plan(counts)
+    plan, P = _plan(counts, 48, 512)
     assert plan[0][0] == 0 and plan[-1][1] == 96
     assert all(a[1] == b[0] for a, b in zip(plan, plan[1:]))
     assert all(cap >= max(counts[e0:e1]) for e0, e1, cap, _ in plan)
     assert P < 1.3 * 4096
     skew = [0] * 96
     skew[3] = 4096
-    plan, P = _plan(skew)
+    plan, P = _plan(skew, 48, 512)
     assert P == 4096
 
 
