@@ -134,6 +134,7 @@ PASSTHROUGH = {
 BENCH = {
     "kernels": "sigma_moe.bench.kernels",
     "layer": "sigma_moe.bench.layer",
+    "step": "sigma_moe.bench.step",
     "train": "sigma_moe.bench.train",
 }
 
