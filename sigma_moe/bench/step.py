@@ -97,7 +97,19 @@ class _Variant:
             self.times.append(dt)
 
 
-def run(variants: list[str], experts: int, steps: int, warmup: int) -> dict:
+def profile_table(v: _Variant, batches: list[dict], rows: int = 15) -> str:
+    """torch.profiler over 3 more steps of one variant: the ops with the most self CPU time."""
+    from torch.profiler import ProfilerActivity, profile  # only with --profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for b in batches[:3]:
+            v.step(b, timed=False)
+    return prof.key_averages().table(
+        sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=50
+    )
+
+
+def run(variants: list[str], experts: int, steps: int, warmup: int, prof: str | None = None):
     batches, mcfg = _batches(experts, warmup + steps)
     vs = [_Variant(n, mcfg, lr=2e-3) for n in variants]
     for i, b in enumerate(batches):
@@ -119,7 +131,11 @@ def run(variants: list[str], experts: int, steps: int, warmup: int) -> dict:
                 "loss_first_last": f"{v.losses[0]:.3f} -> {v.losses[-1]:.3f}",
             }
         )
-    return {"experts": experts, "steps": steps, "warmup": warmup, "rows": rows}
+    res = {"experts": experts, "steps": steps, "warmup": warmup, "rows": rows}
+    for v in vs:
+        if v.name == prof:
+            res["profile"] = profile_table(v, batches[warmup:])
+    return res
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,16 +144,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--experts", type=int, default=96)
     ap.add_argument("--steps", type=int, default=16, help="timed steps per variant")
     ap.add_argument("--warmup", type=int, default=4, help="untimed first steps (compile)")
+    ap.add_argument("--profile", metavar="VARIANT", help="then profile 3 steps of VARIANT")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = ap.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown or not variants:
         ap.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+    if args.profile is not None and args.profile not in variants:
+        ap.error(f"--profile {args.profile!r} is not one of --variants {variants}")
     if args.steps < 1 or args.warmup < 0:
         ap.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps}, {args.warmup}")
     info = machine_info()
-    res = run(variants, args.experts, args.steps, args.warmup)
+    res = run(variants, args.experts, args.steps, args.warmup, args.profile)
     cols = [
         ("variant", "variant"),
         ("median_ms", "step ms (median)"),
@@ -149,5 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     print(describe_machine(info))
     print(f"E={args.experts}, {args.steps} timed steps after {args.warmup}, one process:")
     print(markdown_table(res["rows"], cols))
+    if "profile" in res:
+        print(f"\nprofile of {args.profile} (3 steps, self CPU time):\n{res['profile']}")
     write_json(args.json, {"machine": info, **res})
     return 0
