@@ -134,6 +134,8 @@ def stream_text(
     emitted = tok.decode(ids[0].tolist())
     yield emitted
     for _ in range(max_new_tokens):
+        # temperature 0 = greedy: logits / 1e-5 make the softmax one-hot on the argmax (unless
+        # two logits are within ~1e-3)
         ids = model.generate(ids, 1, temperature=max(temperature, 1e-5), eod=tok.eod)
         text = tok.decode(ids[0].tolist())
         if text.startswith(emitted) and not text.endswith("\ufffd"):
