@@ -33,7 +33,12 @@ import yaml
 
 from sigma_moe.data.tokenizer import EOD_TOKEN, load_tokenizer
 from sigma_moe.model import SigmaMoEConfig, SigmaMoEForCausalLM
-from sigma_moe.model.checkpoint_io import META, UNIVERSAL, find_checkpoint, model_config_record
+from sigma_moe.model.checkpoint_format import (
+    META,
+    UNIVERSAL,
+    model_config_record,
+    resolve_checkpoint,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _EXPERTS = "moe.deepspeed_moe.experts.deepspeed_experts.0."
@@ -194,7 +199,7 @@ def export_hf(ckpt: str | Path, out_dir: str | Path, dtype: str = "fp32") -> Pat
 
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
-    ckpt = find_checkpoint(ckpt)
+    ckpt = resolve_checkpoint(ckpt)
     meta = json.loads((ckpt / META).read_text())
     model = SigmaMoEForCausalLM.from_checkpoint(ckpt)
     cfg = model.config

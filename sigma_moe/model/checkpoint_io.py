@@ -1,8 +1,9 @@
-"""Reading a trained model out of a checkpoint folder, without DeepSpeed or the trainer.
-
-This is the model layer's half of the checkpoint format (the trainer's half, saving, resuming
-and reshaping, is `sigma_moe.train.checkpoint`, which imports the weight reader from here so
-the two never drift apart). It needs only what the checkpoint itself records:
+"""Reading a trained model out of a checkpoint folder, without DeepSpeed or the trainer: THE
+inference reader (`read_model_checkpoint`), used by `SigmaMoEForCausalLM.from_checkpoint`,
+`sigma_moe.model.inference.load_model_for_inference` (eval, generate, the Rho-1 reference) and
+the reshape's weight reading (`load_full_state_dict`). The format itself (names, meta.json,
+manifest, resolving a path) is `sigma_moe.model.checkpoint_format`. It needs only what the
+checkpoint records:
 
 - `meta.json` → `model_config`: every `SigmaMoEConfig` field, with `router_topk` as the layers
   ran at the saved step (progressive sparsification included), written by
@@ -20,24 +21,13 @@ rank·E/ep_size + local index, see `StackedExperts`).
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from sigma_moe.model.checkpoint_format import MAIN_STATES, UNIVERSAL, read_meta, resolve_checkpoint
 from sigma_moe.model.config import SigmaMoEConfig
-
-META = "meta.json"
-UNIVERSAL = "universal_state.pt"  # layout-free state written by `sigma-moe convert-checkpoint`
-MAIN_STATES = "mp_rank_00_model_states.pt"
-
-
-def model_config_record(model: torch.nn.Module) -> dict[str, Any]:
-    """What `meta.json` keeps as `model_config`: every config field, top-k as it runs now."""
-    rec = dataclasses.asdict(model.config)
-    rec["router_topk"] = list(model.current_topk())
-    return rec
 
 
 def _expert_files(ckpt: Path) -> dict[int, list[Path]]:
@@ -68,54 +58,34 @@ def load_full_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def find_checkpoint(path: str | Path) -> Path:
-    """One checkpoint folder (holding meta.json), or a run's `checkpoints/` folder or run folder
-    → the checkpoint its `latest` file names (the newest complete one; a folder without
-    `latest` → its newest `step_*` with a meta.json). FileNotFoundError names the path."""
-    p = Path(path)
-    if (p / META).is_file():
-        return p
-    if (p / "checkpoints").is_dir():
-        p = p / "checkpoints"
-    latest = p / "latest"
-    if latest.is_file() and (p / latest.read_text().strip() / META).is_file():
-        return p / latest.read_text().strip()
-    steps = sorted(
-        (c for c in p.glob("step_*") if c.name[5:].isdigit() and (c / META).is_file()),
-        key=lambda c: int(c.name[5:]),
-    )
-    if not steps:
-        raise FileNotFoundError(
-            f"no checkpoint at {p}: expected a checkpoint folder holding {META}, or a run's "
-            "checkpoints/ folder holding step_* checkpoints"
+def model_config_of(ckpt: Path, meta: dict[str, Any]) -> SigmaMoEConfig:
+    """The model config `meta.json` records (EP=1: every expert in one model)."""
+    rec = dict(meta.get("model_config") or {})
+    if "router_topk" not in rec:
+        raise ValueError(
+            f"{ckpt / 'meta.json'} records only the model's shapes (written before full model "
+            "configs were saved, before 2026-12-01): this version cannot load it for inference "
+            "(resuming training from it still works)"
         )
-    return steps[-1]
+    unknown = sorted(set(rec) - {f.name for f in dataclasses.fields(SigmaMoEConfig)})
+    if unknown:
+        raise ValueError(
+            f"{ckpt / 'meta.json'}: model_config fields {unknown} are unknown to this version of "
+            "SigmaMoEConfig (saved by a newer sigma-moe?)"
+        )
+    rec["ep_size"] = 1
+    return SigmaMoEConfig(**rec)
 
 
 def read_model_checkpoint(
     path: str | Path,
 ) -> tuple[SigmaMoEConfig, dict[str, torch.Tensor], dict[str, Any]]:
-    """(model config with ep_size 1, full state dict, meta.json) of the checkpoint at `path`."""
-    ckpt = find_checkpoint(path)
-    try:
-        meta = json.loads((ckpt / META).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"checkpoint metadata {ckpt / META} is unreadable: {e}") from e
-    rec = dict(meta.get("model_config") or {})
-    known = {f.name for f in dataclasses.fields(SigmaMoEConfig)}
-    if "router_topk" not in rec:
-        raise ValueError(
-            f"{ckpt / META} records only the model's shapes (written before full model configs "
-            "were saved): load it with sigma_moe.train.checkpoint.load_model_for_inference"
-        )
-    unknown = sorted(set(rec) - known)
-    if unknown:
-        raise ValueError(
-            f"{ckpt / META}: model_config fields {unknown} are unknown to this version of "
-            "SigmaMoEConfig (saved by a newer sigma-moe?)"
-        )
-    rec["ep_size"] = 1
-    cfg = SigmaMoEConfig(**rec)
+    """(model config with ep_size 1, full state dict, meta.json) of the checkpoint at `path`: a
+    checkpoint folder, or a run / `checkpoints/` folder (its newest undamaged checkpoint). The
+    manifest is checked first (`resolve_checkpoint`): a damaged checkpoint is never read."""
+    ckpt = resolve_checkpoint(path)
+    meta = read_meta(ckpt)
+    cfg = model_config_of(ckpt, meta)
     try:
         state = load_full_state_dict(ckpt)
     except (OSError, RuntimeError, EOFError) as e:

@@ -16,6 +16,11 @@ node, followers on the node's other ranks; or inline / prefilled). Then, each st
   micro-step with ``rho1.threshold_scope=global``) and the step's selection metrics so far
   (``selected_frac``, ``selected_frac/<domain>``, ``excess_loss_selected``,
   ``excess_loss_rejected``, ``scorer_wait_s``; this rank's micro-batches).
+
+It has no resumable state (``Stateful``'s default): the scorer's position in the store follows
+``trainer.state.consumed_samples`` (``advance``), and the reference losses are a pure function
+of the sample. Its status (wait times, restarts) is telemetry, written to
+``rho1_selection.json`` at the end (it used to be copied into the checkpoint too, and never read).
 """
 
 from __future__ import annotations
@@ -104,13 +109,11 @@ class Rho1Callback(Callback, Objective):
         if self.sup is not None:
             # Let the scorer move on while the trainer logs / evaluates / checkpoints.
             self.sup.advance(trainer.state.consumed_samples)
-            trainer.state.extra["scorer"] = self.sup.status()
 
     def on_train_end(self, trainer, last) -> None:
         if self.sup is None:
             return
-        status = self.sup.status()
-        trainer.state.extra["scorer"] = status
+        status = self.sup.status()  # written to rho1_selection.json below
         self.sup.close()
         self.sup = None
         if self.run_stats:

@@ -3,7 +3,7 @@
 ``load_reference(path, tokenizer)`` accepts
 
 (a) a checkpoint of ours — a run's ``checkpoints/`` folder, a run folder or one checkpoint
-    folder (``sigma_moe.train.checkpoint.load_model_for_inference``); its
+    folder (``sigma_moe.model.inference.load_model_for_inference``); its
     ``meta["tokenizer_fingerprint"]`` must equal the training tokenizer's;
 (b) a transformers model folder (``config.json`` + weights), loaded offline with
     ``AutoModelForCausalLM.from_pretrained``. Its ``tokenizer.json`` must have the training
@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 from sigma_moe.data.tokenizer import _canonical_fingerprint, load_tokenizer
 from sigma_moe.model import SigmaMoEForCausalLM
-from sigma_moe.train.checkpoint import load_model_for_inference
-from sigma_moe.train.integrity import resolve_checkpoint
+from sigma_moe.model.checkpoint_format import resolve_checkpoint
+from sigma_moe.model.inference import load_model_for_inference
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 

@@ -1,21 +1,26 @@
 """Callbacks around the thin loop: metrics.jsonl, progress bar, wandb, eval, checkpoints, NaN
 policy, end-of-run summary and plots. Each is a `sigma_moe.train.hooks.Callback` (its hooks and
-their order are documented there)."""
+their order are documented there). Each takes the values it needs, not the run config:
+`default_callbacks` is their builder, the one place that reads the run config's sections."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import resource
 import statistics
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from sigma_moe.config import save_config
 from sigma_moe.errors import StageInterrupted
-from sigma_moe.train.checkpoint import Checkpointer, NanGuard
+from sigma_moe.train.checkpoint import Checkpointer, RunFacts
 from sigma_moe.train.domain_stats import ExpertLoadByDomain
 from sigma_moe.train.hooks import Callback
+from sigma_moe.train.nan_policy import NanGuard
 
 __all__ = ["StageInterrupted", "default_callbacks", "format_summary", "require_complete"]
 
@@ -29,13 +34,14 @@ def _is_boundary(step: int, every: int, last: int) -> bool:
 
 
 class MetricsWriter(Callback):
-    """metrics.jsonl on rank 0: a line every `train.log_every` steps, plus eval lines."""
+    """metrics.jsonl on rank 0: a line every `train.log_every` steps (and the last), plus eval
+    lines."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, log_every: int, max_steps: int):
+        self.path, self.log_every, self.max_steps = path, log_every, max_steps
 
     def on_step_end(self, trainer, m):
-        if _is_boundary(m["step"], trainer.cfg.train.log_every, trainer.cfg.train.max_steps):
+        if _is_boundary(m["step"], self.log_every, self.max_steps):
             _log(trainer, m)
 
     def on_log(self, trainer, m):
@@ -44,14 +50,14 @@ class MetricsWriter(Callback):
 
 
 class ProgressBar(Callback):
-    def __init__(self):
-        self.bar = None
+    def __init__(self, max_steps: int):
+        self.bar, self.max_steps = None, max_steps
 
     def on_train_start(self, trainer):
         from tqdm.auto import tqdm
 
         self.bar = tqdm(
-            total=trainer.cfg.train.max_steps,
+            total=self.max_steps,
             initial=trainer.state.step,
             desc="train",
             unit="step",
@@ -78,18 +84,21 @@ class ProgressBar(Callback):
 
 
 class WandbLogger(Callback):
-    def __init__(self, cfg, out_dir: Path):
-        self.cfg, self.out_dir, self.run = cfg, out_dir, None
+    """`cfg`: the `logging` section; `run_config`: the whole run config as a dict (what wandb
+    records as the run's config)."""
+
+    def __init__(self, cfg, out_dir: Path, run_config: dict[str, Any]):
+        self.cfg, self.out_dir, self.run_config, self.run = cfg, out_dir, run_config, None
 
     def on_train_start(self, trainer):
         import wandb
 
         os.environ.setdefault("WANDB_SILENT", "true")
         self.run = wandb.init(
-            project=self.cfg.logging.wandb_project,
-            mode=self.cfg.logging.wandb_mode,
+            project=self.cfg.wandb_project,
+            mode=self.cfg.wandb_mode,
             dir=str(self.out_dir),
-            config=self.cfg.to_dict(),
+            config=self.run_config,
             name=self.out_dir.name,
             resume="allow",
             reinit="finish_previous",
@@ -107,33 +116,43 @@ class WandbLogger(Callback):
 
 
 class Evaluator(Callback):
-    """Per-domain validation loss every `train.eval_every` steps and at the end (all ranks)."""
+    """Per-domain validation loss every `train.eval_every` steps and at the end (all ranks).
+    Resumable state: the evaluations so far (the summary compares the first with the last)."""
 
-    def __init__(self):
+    def __init__(self, eval_every: int, max_steps: int):
+        self.eval_every, self.max_steps = eval_every, max_steps
         self.history: list[dict[str, float]] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [dict(h) for h in self.history]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = [dict(h) for h in state["history"]]
 
     def _eval(self, trainer):
         res = {"step": trainer.state.step, **trainer.evaluate()}
         self.history.append(res)
-        trainer.state.extra["eval_history"] = self.history
         if trainer.world.is_main:
             _log(trainer, res)
 
     def on_train_start(self, trainer):
-        self.history = list(trainer.state.extra.get("eval_history", []))
-        if not self.history:
+        if not self.history:  # nothing restored: a fresh run
             self._eval(trainer)  # the starting point the demo's "fell by X%" is measured from
 
     def on_step_end(self, trainer, m):
-        if _is_boundary(m["step"], trainer.cfg.train.eval_every, trainer.cfg.train.max_steps):
+        if _is_boundary(m["step"], self.eval_every, self.max_steps):
             self._eval(trainer)
 
 
 class Summary(Callback):
-    """End-of-run table (rank 0) and plots; the dict goes to summary.json and run_training."""
+    """End-of-run table (rank 0) and plots; the dict (`summary`) goes to summary.json and is
+    what run_training returns. `evaluator`: whose history gives the first and last eval."""
 
-    def __init__(self, out_dir: Path):
-        self.out_dir, self.tps, self.loads = out_dir, [], []
+    def __init__(self, out_dir: Path, evaluator: Evaluator, max_steps: int):
+        self.out_dir, self.evaluator, self.max_steps = out_dir, evaluator, max_steps
+        self.tps: list[float] = []
+        self.loads: list[float] = []
+        self.summary: dict[str, Any] = {}
 
     def on_step_end(self, trainer, m):
         self.tps.append(m["tokens_per_s"])
@@ -142,8 +161,8 @@ class Summary(Callback):
         )
 
     def on_train_end(self, trainer, last):
-        hist = trainer.state.extra.get("eval_history", [])
-        step, max_steps = trainer.state.step, trainer.cfg.train.max_steps
+        hist = self.evaluator.history
+        step, max_steps = trainer.state.step, self.max_steps
         crashed = sys.exc_info()[0] is not None
         stopped = trainer.stop_requested or (type(sys.exc_info()[1]).__name__ if crashed else None)
         summary: dict[str, Any] = {
@@ -161,7 +180,7 @@ class Summary(Callback):
         if hist:
             summary["first_eval"], summary["last_eval"] = hist[0], hist[-1]
             summary["final_eval"] = hist[-1].get("step") == step
-        trainer.state.extra["summary"] = summary
+        self.summary = summary
         if not trainer.world.is_main:
             return
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -230,24 +249,43 @@ def require_complete(summary: dict[str, Any], stage: str, run_dir: Path, resume_
     )
 
 
+def checkpoint_facts(cfg) -> RunFacts:
+    """What the checkpointer needs of the run config's other sections."""
+    return RunFacts(
+        ep_size=cfg.parallel.ep_size,
+        zero_stage=cfg.parallel.zero_stage,
+        global_batch_size=cfg.train.global_batch_size,
+        router_bias_start_zero=cfg.model.router_bias_start_zero,
+        data_identity={
+            "train.max_steps": cfg.train.max_steps,
+            "train.seed": cfg.train.seed,
+            "data.seq_len": cfg.data.seq_len,
+            "data.domains": [asdict(d) for d in cfg.data.domains],
+        },
+        save_config=functools.partial(save_config, cfg),
+    )
+
+
 def default_callbacks(
     cfg, out_dir: Path, world, resume: str, policy: list[Callback] | None = None
 ) -> list[Callback]:
-    """The run's callbacks in hook order; `policy`: the callbacks of a data-centric policy (the
+    """The run's callbacks in hook order, built from the run config `cfg` (each gets its own
+    section or the values it needs); `policy`: the callbacks of a data-centric policy (the
     Rho-1 objective) go right after the checkpointer, so they start after a resume restored the
     step, and they end before the summary (whose plots read the Rho-1 selection counts)."""
-    ck = Checkpointer(cfg, out_dir, world, resume)
+    tr = cfg.train
+    ck = Checkpointer(cfg.checkpoint, out_dir, world, resume, checkpoint_facts(cfg))
     # Order matters on step end: evaluate first, so a checkpoint carries that step's eval (and
     # the domain × expert counts up to that step).
-    cbs: list[Callback] = [Evaluator(), ExpertLoadByDomain(out_dir), NanGuard(cfg, ck), ck]
+    ev = Evaluator(tr.eval_every, tr.max_steps)
+    load = ExpertLoadByDomain(out_dir, tr.eval_every, tr.max_steps)
+    cbs: list[Callback] = [ev, load, NanGuard(tr, ck), ck]
     cbs += policy or []
     if world.is_main:
-        cbs.append(MetricsWriter(out_dir / "metrics.jsonl"))
+        cbs.append(MetricsWriter(out_dir / "metrics.jsonl", tr.log_every, tr.max_steps))
         if cfg.logging.progress:
-            cbs.append(ProgressBar())
+            cbs.append(ProgressBar(tr.max_steps))
         if cfg.logging.wandb_mode != "disabled":
-            cbs.append(WandbLogger(cfg, out_dir))
-        cbs.append(Summary(out_dir))
-    else:
-        cbs.append(Summary(out_dir))
+            cbs.append(WandbLogger(cfg.logging, out_dir, cfg.to_dict()))
+    cbs.append(Summary(out_dir, ev, tr.max_steps))
     return cbs

@@ -1,24 +1,23 @@
-"""Checkpoints: DeepSpeed's save/load plus what DeepSpeed does not know (loop state, RNG, config,
+"""The checkpoint callback: WHEN to save (every `checkpoint.every` steps, at the end, on a stop
+signal; this callback is the only owner of the SIGTERM/SIGINT handlers) and how: DeepSpeed's
+save/load plus what DeepSpeed does not know (loop state, component states, RNG, config,
 tokenizer fingerprint, model shapes, code version), atomic publication, `--resume auto` that
-skips damaged checkpoints, and loading a checkpoint for inference without DeepSpeed.
-
-Layout of `<run>/checkpoints/`:
-    step_00000100/              one complete checkpoint (DeepSpeed files + ours)
-        mp_rank_00_model_states.pt, layer_<i>_expert_<r>_mp_rank_00_model_states.pt,
-        zero_pp_rank_<r>_mp_rank_00_optim_states.pt, ...      (DeepSpeed)
-        rng_rank<r>.pt          every rank's RNG states (python, numpy, torch, cuda)
-        config.yaml             the resolved run config
-        meta.json               written last: step, consumed samples, tokenizer fingerprint,
-                                ep/world size, ZeRO stage, model shapes, code version and a
-                                manifest (every file's size and sha256, see integrity.py)
-    latest                      name of the newest complete checkpoint
+skips damaged checkpoints. The on-disk format (names, meta.json, manifest, resolving a path,
+shape checks) is `sigma_moe.model.checkpoint_format`; loading a model for inference
+`sigma_moe.model.inference`; other layouts `sigma_moe.train.reshape`; the NaN policy
+`sigma_moe.train.nan_policy`.
 
 What is saved where. DeepSpeed: weights, optimizer state (ZeRO partitions), its step counters.
-`TrainState` (client state of the DeepSpeed checkpoint): step, consumed samples, tokens, NaN skips
-and `extra`, the dict any callback puts its own resumable state in (eval history, the Rho-1
-store position, ...). Not saved because derived from the step: the learning rate (the loop sets
-it from its own step counter), progressive sparsification (top-k by step) and the data order
-(sample index = step x global batch).
+Client state of the DeepSpeed checkpoint, `train_state`: the loop's `TrainState` (step, consumed
+samples, tokens, NaN skips) and `components`, ONE dict of the named resumable states of the
+run's stateful components (`Trainer.components`: "sampler", "objective", "callbacks/<name>";
+see `sigma_moe.train.hooks`), e.g. the sampler's weights, the Evaluator's eval history,
+ExpertLoadByDomain's sums. A resume restores each exactly and refuses a checkpoint that lacks a
+stateful component's state (naming it). Checkpoints written before components had their own
+state keep it in `train_state["extra"]`; `legacy_component_states` reads that layout (a
+component it has no entry for starts afresh, as the old loader did). Not saved because derived
+from the step: the learning rate (the loop sets it from its own step counter), progressive
+sparsification (top-k by step) and the data order (sample index = step x global batch).
 
 Atomicity. Every rank writes into `step_<N>.tmp-<pid of rank 0>`; after a barrier, rank 0 adds
 config.yaml and meta.json (with the manifest), renames the folder to `step_<N>` and only then
@@ -26,9 +25,6 @@ replaces `latest` (write + rename). A process killed at any point leaves either 
 folder (ignored, removed at the next start) or a complete checkpoint. A failed write (disk full)
 removes the temporary folder and raises `CheckpointError`; the previous checkpoint and `latest`
 are untouched.
-
-Split out: `integrity.py` (finding checkpoints, the manifest's checksums, the checks before any
-read) and `ckpt_state.py` (meta.json pieces, RNG states, compatibility checks); both re-exported.
 """
 
 from __future__ import annotations
@@ -36,60 +32,66 @@ from __future__ import annotations
 import errno
 import json
 import os
+import random
 import shutil
 import signal
 import sys
 import threading
 import time
 import zipfile
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-import yaml
 
 from sigma_moe import errors
-from sigma_moe.config import config_from_dict, save_config
-from sigma_moe.data.tokenizer import load_tokenizer
-from sigma_moe.model import SigmaMoEForCausalLM
-from sigma_moe.model.checkpoint_io import (  # the weight reader lives with the model
-    load_full_state_dict,
-    model_config_record,
-)
-from sigma_moe.train import reshape
-from sigma_moe.train.ckpt_state import (  # noqa: F401  (re-exported)
-    SHAPE_FIELDS,
+from sigma_moe.model.checkpoint_format import (
+    META,
     build_meta,
-    code_version,
+    folder_manifest,
     global_param_shapes,
-    is_expert_param,
+    list_checkpoints,
+    model_config_record,
     read_meta,
-    rng_state,
+    resolve_checkpoint,
+    rng_file,
     router_bias_problem,
     saved_router_bias,
-    set_rng_state,
     shape_mismatch,
+    tag_for,
 )
+from sigma_moe.train import reshape
 from sigma_moe.train.collectives import agree_any, barrier, broadcast
 from sigma_moe.train.fs import fsync_dir, log, write_atomic
 from sigma_moe.train.hooks import Callback
-from sigma_moe.train.integrity import (  # noqa: F401  (re-exported: rho1, tests)
-    META,
-    UNIVERSAL,
-    checkpoint_problem,
-    folder_manifest,
-    list_checkpoints,
-    nonfinite_parameter,
-    resolve_checkpoint,
-)
 
 # A second stop signal this soon after the first is the same request, forwarded again (see
 # Checkpointer._install_stop_handlers).
 _REPEAT_S = 0.5
 
 
-CheckpointError = errors.CheckpointError  # re-exported: the message names the one that survives
+CheckpointError = errors.CheckpointError  # the message names the checkpoint that survives
+
+# `train_state["extra"]` keys of checkpoints written before components had their own state,
+# and the component each belongs to now (the Rho-1 scorer status and the summary were
+# telemetry, never read back: dropped).
+_LEGACY_EXTRA = {
+    "sampler": "sampler",
+    "eval_history": "callbacks/Evaluator",
+    "expert_load": "callbacks/ExpertLoadByDomain",
+}
+
+
+def legacy_component_states(extra: dict[str, Any]) -> dict[str, Any]:
+    """The component states of an old checkpoint's `train_state["extra"]` (see the module doc)."""
+    out = {}
+    for key, comp in _LEGACY_EXTRA.items():
+        if key in extra:
+            out[comp] = {"history": extra[key]} if key == "eval_history" else extra[key]
+    return out
 
 
 class NonFiniteWeights(CheckpointError):
@@ -97,35 +99,32 @@ class NonFiniteWeights(CheckpointError):
     from); the message names the parameter and the last checkpoint that survives."""
 
 
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
+def nonfinite_parameter(model: torch.nn.Module) -> str | None:
+    """Name of the first parameter holding a NaN or Inf (None = all finite)."""
+    for n, p in model.named_parameters():
+        if not bool(torch.isfinite(p.detach()).all()):
+            return n.removeprefix("_orig_mod.")
+    return None
 
 
-# --------------------------------------------------------------------------- inference loading
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states (python, numpy, torch, cuda): its `rng_rank<r>.pt`."""
+    st = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
 
 
-def load_model_for_inference(path: str | Path, device: str | torch.device = "cpu"):
-    """Build the model of a checkpoint (all experts, EP=1) and load its weights, without
-    DeepSpeed. Returns (model in eval mode, run config dict, meta dict)."""
-    ckpt = resolve_checkpoint(path)
-    meta = read_meta(ckpt)
-    cfg_dict = yaml.safe_load((ckpt / "config.yaml").read_text())
-    cfg = config_from_dict(cfg_dict)
-    cfg.parallel.ep_size = 1
-    tok = load_tokenizer(cfg.data.tokenizer)
-    model = SigmaMoEForCausalLM(cfg.build_model(tok.vocab_size))
-    state = load_full_state_dict(ckpt)
-    state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ValueError(
-            f"checkpoint {ckpt} does not fit the model its config describes: {e}"
-        ) from e
-    topk = (meta.get("model_config") or {}).get("router_topk")
-    if topk:  # top-k as the layers ran at the saved step (progressive sparsification)
-        model.set_topk(topk)
-    return model.float().to(device).eval(), cfg_dict, meta
+def set_rng_state(st: dict[str, Any]) -> None:
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
 
 
 def _optimizer_param_names(trainer) -> list[list[str]] | None:
@@ -144,6 +143,19 @@ def _optimizer_param_names(trainer) -> list[list[str]] | None:
 # --------------------------------------------------------------------------- callbacks
 
 
+@dataclass(frozen=True)
+class RunFacts:
+    """What the checkpointer needs of the other config sections (its builder,
+    `sigma_moe.train.callbacks.default_callbacks`, passes them in)."""
+
+    ep_size: int  # parallel.ep_size
+    zero_stage: int  # parallel.zero_stage as it runs (effective_zero_stage)
+    global_batch_size: int  # train.global_batch_size: a resume with another one is refused
+    router_bias_start_zero: bool  # model.router_bias_start_zero
+    data_identity: dict[str, Any]  # keys whose change re-maps the data order (resume warns)
+    save_config: Callable[[Path], None]  # writes the resolved run config (config.yaml)
+
+
 class Checkpointer(Callback):
     """Save every `checkpoint.every` steps, at the end and on SIGTERM/SIGINT (the ranks agree on
     `trainer.stop_requested`, this saves, the loop exits); resume before training starts.
@@ -152,10 +164,12 @@ class Checkpointer(Callback):
     damaged ones with a warning naming them; a fresh start if there is none, an error if every
     one is damaged) or a path (a checkpoints/ folder, a run folder or one checkpoint; an error
     if it cannot be loaded). A checkpoint of another EP size, process count or ZeRO stage is
-    reshaped on load (`sigma_moe.train.reshape`)."""
+    reshaped on load (`sigma_moe.train.reshape`). `cfg`: the `checkpoint` section (every,
+    keep_last); `facts`: the values of other sections it needs."""
 
-    def __init__(self, cfg, out_dir: Path, world, resume: str):
+    def __init__(self, cfg, out_dir: Path, world, resume: str, facts: RunFacts):
         self.cfg, self.root, self.world, self.resume = cfg, out_dir / "checkpoints", world, resume
+        self.facts = facts
         self.last_saved = -1
         self.failed = False  # a save failed: do not try again at the end of the run
         self._signal: str | None = None
@@ -181,7 +195,8 @@ class Checkpointer(Callback):
         processes a signal may reach the ranks at different moments; if one rank left the loop a
         step before the others, their collectives would no longer pair up. So a signal is only
         recorded here and the ranks agree at the end of every step (`on_step_end`); a single
-        process stops right away as the loop's own handler does. A second Ctrl-C (SIGINT) stops
+        process sets `trainer.stop_requested` right away (the loop stops after the step). No
+        other part of the package installs these handlers. A second Ctrl-C (SIGINT) stops
         at once (KeyboardInterrupt, no checkpoint). Repeated SIGTERMs and a signal within
         `_REPEAT_S` of the first are the same request: launchers forward one stop several times
         (the DeepSpeed launcher's own SIGTERM reached the ranks right after pretrain.sh's, and
@@ -253,21 +268,22 @@ class Checkpointer(Callback):
                 f"checkpoint {ckpt} was trained with tokenizer {meta['tokenizer_fingerprint']}, "
                 f"the config's data.tokenizer is {fp}"
             )
-        problem = shape_mismatch(ckpt, meta, trainer.model, self.cfg.parallel.ep_size)
+        f = self.facts
+        problem = shape_mismatch(ckpt, meta, trainer.model, f.ep_size)
         problem = problem or router_bias_problem(
-            ckpt, meta, trainer.model, self.cfg.model.router_bias_start_zero
+            ckpt, meta, trainer.model, f.router_bias_start_zero
         )
         if problem:
             raise ValueError(problem)
         old_gbs = meta.get("global_batch_size")
-        if old_gbs is not None and old_gbs != self.cfg.train.global_batch_size:
+        if old_gbs is not None and old_gbs != f.global_batch_size:
             raise ValueError(
                 f"config key 'train.global_batch_size': the checkpoint {ckpt} was trained with "
-                f"{old_gbs}, the config says {self.cfg.train.global_batch_size}; resuming would "
+                f"{old_gbs}, the config says {f.global_batch_size}; resuming would "
                 "re-map the data order, so it is refused (start a new run from its weights instead)"
             )
         if self.world.is_main:
-            data_now = self._data_identity()
+            data_now = f.data_identity
             changed = [
                 k
                 for k, v in (meta.get("data_identity") or {}).items()
@@ -279,23 +295,14 @@ class Checkpointer(Callback):
                     "the data order after the resume point differs from the original run's"
                 )
 
-    def _data_identity(self) -> dict[str, Any]:
-        c = self.cfg
-        return {
-            "train.max_steps": c.train.max_steps,
-            "train.seed": c.train.seed,
-            "data.seq_len": c.data.seq_len,
-            "data.domains": [asdict(d) for d in c.data.domains],
-        }
-
     def load(self, trainer, ckpt: Path) -> None:
         meta = read_meta(ckpt)
         self._check_compatible(trainer, ckpt, meta)
         same_layout = (
             meta.get("format", "deepspeed") == "deepspeed"
-            and meta.get("ep_size") == self.cfg.parallel.ep_size
+            and meta.get("ep_size") == self.facts.ep_size
             and meta.get("world_size") == self.world.world_size
-            and meta.get("zero_stage", self.cfg.parallel.zero_stage) == self.cfg.parallel.zero_stage
+            and meta.get("zero_stage", self.facts.zero_stage) == self.facts.zero_stage
         )
         if same_layout:
             try:
@@ -319,19 +326,43 @@ class Checkpointer(Callback):
                 log(
                     f"[resume] reshaping {ckpt} (ep_size {meta.get('ep_size')}, "
                     f"{meta.get('world_size') or '-'} processes) to ep_size "
-                    f"{self.cfg.parallel.ep_size} on {self.world.world_size} processes"
+                    f"{self.facts.ep_size} on {self.world.world_size} processes"
                 )
             st = reshape.load_reshaped(trainer, ckpt, meta)
         trainer.state.step, trainer.state.consumed_samples = st["step"], st["consumed_samples"]
         trainer.state.tokens, trainer.state.nan_skips = st["tokens"], st["nan_skips"]
-        trainer.state.extra.update(st.get("extra", {}))
-        rng = ckpt / f"rng_rank{self.world.rank}.pt"
+        self._load_components(trainer, ckpt, st)
+        rng = ckpt / rng_file(self.world.rank)
         if rng.is_file():
             set_rng_state(torch.load(rng, weights_only=False))
         self.last_saved = trainer.state.step
         if self.world.is_main:
             log(f"[resume] from {ckpt} (step {trainer.state.step})")
             self._trim_metrics(trainer.state.step)
+
+    def _load_components(self, trainer, ckpt: Path, st: dict[str, Any]) -> None:
+        """Restore every stateful component of the run from the checkpoint's `components`."""
+        comps = trainer.components
+        if "components" in st:
+            saved = st["components"]
+            missing = [k for k in comps if k not in saved]
+            if missing:
+                raise ValueError(
+                    f"checkpoint {ckpt} holds no state for the component(s) "
+                    f"{', '.join(missing)} of this run (it was saved by a run without them); "
+                    "starting them afresh mid-run would not continue the run exactly, so the "
+                    "resume is refused (start a new run from its weights instead)"
+                )
+        else:  # written before components had their own state
+            saved = legacy_component_states(st.get("extra") or {})
+        unused = sorted(set(saved) - set(comps))
+        if unused and self.world.is_main:
+            log(
+                f"[resume] warning: checkpoint {ckpt} holds state this run has no use for: {unused}"
+            )
+        for key, comp in comps.items():
+            if key in saved:
+                comp.load_state_dict(saved[key])
 
     def _trim_metrics(self, step: int) -> None:
         """Drop metrics.jsonl lines of steps after the resume point (a killed run logged them;
@@ -361,15 +392,15 @@ class Checkpointer(Callback):
             trainer.state.step,
             trainer.state.consumed_samples,
             trainer.tokenizer.fingerprint,
-            self.cfg.parallel.ep_size,
+            self.facts.ep_size,
             self.world.world_size,
             {
                 "format": "deepspeed",
-                "zero_stage": self.cfg.parallel.zero_stage,
-                "global_batch_size": self.cfg.train.global_batch_size,
-                "data_identity": self._data_identity(),
+                "zero_stage": self.facts.zero_stage,
+                "global_batch_size": self.facts.global_batch_size,
+                "data_identity": self.facts.data_identity,
                 "model_config": model_config_record(trainer.model),
-                "param_shapes": global_param_shapes(trainer.model, self.cfg.parallel.ep_size),
+                "param_shapes": global_param_shapes(trainer.model, self.facts.ep_size),
                 **manifest,
                 "optimizer_param_names": _optimizer_param_names(trainer),
             },
@@ -384,13 +415,14 @@ class Checkpointer(Callback):
         tmp_tag = f"{tag}.tmp-{self._pid0}"
         tmp, final = self.root / tmp_tag, self.root / tag
         self._refuse_nonfinite(trainer, final)
-        client = {"train_state": asdict(trainer.state)}
+        states = {k: c.state_dict() for k, c in trainer.components.items()}
+        client = {"train_state": {**asdict(trainer.state), "components": states}}
         err: BaseException | None = None
         try:
             trainer.engine.save_checkpoint(
                 str(self.root), tag=tmp_tag, client_state=client, save_latest=False
             )
-            torch.save(rng_state(), tmp / f"rng_rank{self.world.rank}.pt")
+            torch.save(rng_state(), tmp / rng_file(self.world.rank))
         except Exception as e:  # disk full, permissions, ...: every rank must learn about it
             err = e
         failed = agree_any(err is not None)
@@ -440,7 +472,7 @@ class Checkpointer(Callback):
         )
 
     def _publish(self, trainer, tmp: Path, final: Path, tag: str) -> None:
-        save_config(self.cfg, tmp / "config.yaml")
+        self.facts.save_config(tmp / "config.yaml")
         meta = self._meta(trainer, tmp)
         with open(tmp / META, "w") as f:
             f.write(json.dumps(meta, indent=1))
@@ -461,7 +493,7 @@ class Checkpointer(Callback):
 
     def _prune(self, keep: Path) -> None:
         done = [p for p in list_checkpoints(self.root) if (p / META).is_file()]
-        for p in done[self.cfg.checkpoint.keep_last :]:
+        for p in done[self.cfg.keep_last :]:
             if p != keep:
                 shutil.rmtree(p, ignore_errors=True)
 
@@ -471,7 +503,7 @@ class Checkpointer(Callback):
             local = self._signal or trainer.stop_requested
             if agree_any(local is not None) and trainer.stop_requested is None:
                 trainer.stop_requested = local or "signal on another rank"
-        if step % self.cfg.checkpoint.every == 0 or trainer.stop_requested is not None:
+        if step % self.cfg.every == 0 or trainer.stop_requested is not None:
             self.save(trainer)
             if trainer.stop_requested is not None and self.world.is_main:
                 log(
@@ -490,36 +522,3 @@ class Checkpointer(Callback):
                     f"[checkpoint] {trainer.stop_requested}: saved step {trainer.state.step}; "
                     "stopping (resume with --resume auto)"
                 )
-
-
-class NanGuard(Callback):
-    """`train.nan_policy`: skip (up to `nan_max_skips` non-finite steps, weights untouched) or
-    stop; stopping saves a checkpoint of the last good weights first (its step counter is past
-    the bad batch, so a resume does not replay it)."""
-
-    def __init__(self, cfg, checkpointer: Checkpointer):
-        self.cfg, self.ckpt = cfg, checkpointer
-
-    def on_step_end(self, trainer, m):
-        if not m["nonfinite"]:
-            return
-        trainer.state.nan_skips += 1
-        tr = self.cfg.train
-        if tr.nan_policy == "stop" or trainer.state.nan_skips > tr.nan_max_skips:
-            why = (
-                f"non-finite loss at step {m['step']} ({trainer.state.nan_skips} so far, "
-                f"train.nan_policy={tr.nan_policy}, train.nan_max_skips={tr.nan_max_skips})"
-            )
-            try:
-                path = self.ckpt.save(trainer)  # refuses weights that are not finite
-            except NonFiniteWeights as e:
-                raise errors.NonFiniteLoss(f"{why}; {e}") from e
-            raise errors.NonFiniteLoss(
-                f"{why}; the last good weights (all finite) are saved in {path} "
-                "(resume with --resume auto)"
-            )
-        if trainer.world.is_main:
-            log(
-                f"[nan] step {m['step']}: non-finite loss, update skipped "
-                f"({trainer.state.nan_skips}/{tr.nan_max_skips})"
-            )

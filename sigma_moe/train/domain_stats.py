@@ -6,7 +6,7 @@ layer sums over domains to that layer's global ``tokens_per_expert``). ``ExpertL
 accumulates the steps between evaluations and, at every eval boundary, appends one line to
 ``<run>/expert_load.jsonl`` (``{"step": s, "expert_load/<layer>/<domain>": [counts per expert]}``)
 and draws the run's total as a heatmap (``plots/expert_load_by_domain.png``). The running sums are
-resumable state (``TrainState.extra["expert_load"]``).
+its resumable state (``state_dict``: the checkpoint's ``callbacks/ExpertLoadByDomain``).
 """
 
 from __future__ import annotations
@@ -67,15 +67,27 @@ def plot_expert_load(counts_LKE: np.ndarray, domains: list[str], path: Path, tit
 class ExpertLoadByDomain(Callback):
     """Callback: accumulates ``trainer.step_domain_expert_LKE`` between evals (rank 0 writes)."""
 
-    def __init__(self, out_dir: Path):
+    def __init__(self, out_dir: Path, eval_every: int, max_steps: int):
+        """`eval_every`, `max_steps`: train.eval_every / train.max_steps (a line per eval)."""
         self.out_dir = Path(out_dir)
+        self.eval_every, self.max_steps = eval_every, max_steps
         self.since_eval: np.ndarray | None = None
         self.total: np.ndarray | None = None
 
+    def state_dict(self) -> dict:
+        """The float64 sums since the last eval and since the start (None before any step), as
+        plain lists (exact floats; a torch.load with weights_only=True reads them)."""
+        return {
+            "since_eval": None if self.since_eval is None else self.since_eval.tolist(),
+            "total": None if self.total is None else self.total.tolist(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("since_eval", "total"):
+            v = state[key]
+            setattr(self, key, None if v is None else np.array(v, dtype=np.float64))
+
     def on_train_start(self, trainer) -> None:
-        st = trainer.state.extra.get("expert_load")
-        if st:
-            self.since_eval, self.total = np.array(st["since_eval"]), np.array(st["total"])
         path = self.out_dir / "expert_load.jsonl"
         if trainer.world.is_main and path.is_file():
             # a killed run wrote lines past the resume point: they are trained and written again
@@ -93,14 +105,9 @@ class ExpertLoadByDomain(Callback):
         c = c.numpy()
         self.since_eval = c.copy() if self.since_eval is None else self.since_eval + c
         self.total = c.copy() if self.total is None else self.total + c
-        cfg = trainer.cfg.train
-        if m["step"] % cfg.eval_every == 0 or m["step"] == cfg.max_steps:
+        if m["step"] % self.eval_every == 0 or m["step"] == self.max_steps:
             self._write(trainer, m["step"])
             self.since_eval = np.zeros_like(self.since_eval)
-        trainer.state.extra["expert_load"] = {
-            "since_eval": self.since_eval.tolist(),
-            "total": self.total.tolist(),
-        }
 
     def _write(self, trainer, step: int) -> None:
         if not trainer.world.is_main:

@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import os
 import random
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,12 +26,13 @@ import torch.distributed as dist
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from sigma_moe.config import RunConfig, save_config
+from sigma_moe.data.batch import block_causal_mask, masked_labels
 from sigma_moe.data.dataset import build_train_dataset, build_val_datasets, collate
 from sigma_moe.data.tokenizer import load_tokenizer
 from sigma_moe.errors import ScorerFailure, TrainingStopped
 from sigma_moe.model import SigmaMoEForCausalLM
 from sigma_moe.parallel.wiring import ep_rank_for, wire_expert_parallel
-from sigma_moe.train.callbacks import default_callbacks
+from sigma_moe.train.callbacks import Summary, default_callbacks
 from sigma_moe.train.domain_stats import domain_expert_counts
 from sigma_moe.train.engine import (
     World,
@@ -46,7 +46,14 @@ from sigma_moe.train.engine import (
     topk_for_step,
 )
 from sigma_moe.train.evaluate import domain_val_losses, eval_metrics
-from sigma_moe.train.hooks import Callback, ClmObjective, Objective, as_callback
+from sigma_moe.train.hooks import (
+    Callback,
+    ClmObjective,
+    Objective,
+    Stateful,
+    as_callback,
+    stateful_components,
+)
 from sigma_moe.train.runlock import RunLock, check_run_folder
 from sigma_moe.train.sampling import DomainLosses, Sampler, StaticSampler
 
@@ -59,13 +66,13 @@ __all__ = ["TrainState", "Trainer", "TrainingStopped", "run_training"]  # Traini
 
 @dataclass
 class TrainState:
-    """Everything the loop needs to continue a run exactly; checkpointed as client state."""
+    """The loop's own counters, checkpointed as client state; the sampler's, the objective's
+    and the callbacks' resumable state is theirs (``Trainer.components``, ``hooks.Stateful``)."""
 
     step: int = 0
     consumed_samples: int = 0
     tokens: int = 0
     nan_skips: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -129,20 +136,6 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _labels_from(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return batch["labels"].masked_fill(batch["loss_mask"] <= 0, -100)
-
-
-def _attn_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    """Block-diagonal causal mask from per-token document ids (data.reset_at_eod); True = attend."""
-    doc = batch.get("doc_ids")
-    if doc is None:
-        return None
-    S = doc.shape[1]
-    causal = torch.ones(S, S, dtype=torch.bool, device=doc.device).tril()
-    return (doc[:, :, None] == doc[:, None, :]) & causal
-
-
 def balance_metrics(
     counts_LE: torch.Tensor, router_entropy_L: torch.Tensor, topk: list[int]
 ) -> dict[str, float]:
@@ -193,6 +186,10 @@ class Trainer:
         self.stop_requested: str | None = None
         # What each batch is trained on (token weights, loss denominator); plain CLM by default.
         self.objective = objective or ClmObjective()
+        # What a checkpoint saves besides the weights and `state` (hooks.py: "Resumable state").
+        self.components: dict[str, Stateful] = stateful_components(
+            self.sampler, self.objective, self.callbacks
+        )
 
     # ------------------------------------------------------------------ data
 
@@ -241,7 +238,6 @@ class Trainer:
         self.step_domain_expert_LKE = sums.domain_expert_LKE
         mix_weights = self.sampler.weights()  # the weights this step was drawn with
         self.sampler.feedback(step, sums.domain_losses)
-        self.state.extra["sampler"] = self.sampler.state_dict()
         # Global-batch counts (summed over the data-parallel group); the aux-loss-free bias
         # steps from them, except on a skipped (non-finite) step, which leaves the model as is.
         counts_LE = self.model.end_step_balance(sums.counts_LE, update_bias=not sums.bad_step)
@@ -275,8 +271,8 @@ class Trainer:
             last = a == len(batches) - 1
             out = self.engine(
                 b["input_ids"],
-                labels=_labels_from(b),
-                attn_mask_BSS=_attn_mask(b),
+                labels=masked_labels(b),
+                attn_mask_BSS=block_causal_mask(b.get("doc_ids")),
                 return_logits=False,
             )
             ce_BS = out.loss_per_token
@@ -340,7 +336,8 @@ class Trainer:
         """ZeRO-0 keeps no global grad norm and gets no clipping from DeepSpeed (engine.py passes
         it 0): one foreach norm over the reduced grads gives the logged norm and clips with it
         (DeepSpeed's formula: x max_norm / (norm + 1e-6) when below 1). fp32, no per-gradient
-        float64 copy: that copy was 23% of a demo-cpu step at E=96 (ENV-NOTES.md). Dense grads
+        float64 copy: that copy was 23% of a demo-cpu step at E=96 (torch.profiler on the 2-core
+        CPU machine, docs/benchmarks/train-2026-12-01.md). Dense grads
         are identical on every rank; each expert's grad lives on world/ep_size ranks."""
         dense, expert = [], []
         for p in self.engine.module.parameters():
@@ -377,9 +374,7 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         for cb in self.callbacks:
-            cb.on_resume(self)
-        if "sampler" in self.state.extra:  # restored by the checkpoint callback
-            self.sampler.load_state_dict(self.state.extra["sampler"])
+            cb.on_resume(self)  # the checkpointer restores `state` and every component's state
         for cb in self.callbacks:
             cb.on_train_start(self)
         last: dict[str, Any] = {}
@@ -407,15 +402,6 @@ class Trainer:
         return last
 
 
-def _install_signal_handlers(trainer: Trainer) -> None:
-    def handler(signum, frame):
-        # Finish the current step, save, exit cleanly (checked between steps).
-        trainer.stop_requested = signal.Signals(signum).name
-
-    for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, handler)
-
-
 def run_training(
     cfg: RunConfig,
     out_dir: str | Path,
@@ -431,14 +417,14 @@ def run_training(
     the lock): a second run into it is refused with the holder's pid.
     `data_policy(cfg, tokenizer, num_samples) -> (train_ds, sampler, callbacks)` builds the
     training data and its sampler (the run assembly of an online mixer passes one:
-    `sigma_moe.mixing.run`); default: the static blend of `data.domains`.
+    `sigma_moe.run_mixing`); default: the static blend of `data.domains`.
     `objective`: what each batch is trained on (default plain CLM); the run assembly
     (`sigma_moe.run`) passes the Rho-1 one when `rho1.mode` selects tokens. An `Objective` among
     `extra_callbacks` is taken as the objective too."""
     if data_policy is None and cfg.data.mixing.kind != "static":
         raise ValueError(
             f"config key 'data.mixing.kind': {cfg.data.mixing.kind!r} needs the mixing run "
-            "assembly (`sigma-moe train`, or sigma_moe.mixing.run.run_training)"
+            "assembly (`sigma-moe train`, or sigma_moe.run.run_training)"
         )
     extra = list(extra_callbacks or [])
     if objective is None:
@@ -509,7 +495,8 @@ def _run_training(
     )
     if world.world_size == 1 and cfg.parallel.zero_stage == 0:
         # one process: nothing to all-reduce (DeepSpeed's bucketed all-reduce over the 1-process
-        # gloo group cost ~7% of a ZeRO-0 demo-cpu step at E=96, ENV-NOTES.md)
+        # gloo group cost ~7% of a ZeRO-0 demo-cpu step at E=96, profiled in
+        # docs/benchmarks/train-2026-12-01.md)
         engine.enable_backward_allreduce = False
     base_model = engine.module._orig_mod if hasattr(engine.module, "_orig_mod") else engine.module
     wire_expert_parallel(base_model, cfg.parallel.ep_size)
@@ -528,7 +515,6 @@ def _run_training(
         sampler,
         objective,
     )
-    _install_signal_handlers(trainer)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     trainer.fit()
-    return trainer.state.extra.get("summary", {})
+    return next(cb.summary for cb in callbacks if isinstance(cb, Summary))

@@ -43,17 +43,19 @@ import torch
 import yaml
 from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-from sigma_moe.model.checkpoint_io import load_full_state_dict
-from sigma_moe.parallel.wiring import ep_rank_for
-from sigma_moe.train.ckpt_state import is_expert_param, read_meta
-from sigma_moe.train.fs import fsync_dir, log
-from sigma_moe.train.integrity import (
+from sigma_moe.model.checkpoint_format import (
+    MAIN_STATES,
     META,
     UNIVERSAL,
     checkpoint_problem,
     folder_manifest,
+    is_expert_param,
+    read_meta,
     resolve_checkpoint,
 )
+from sigma_moe.model.checkpoint_io import load_full_state_dict
+from sigma_moe.parallel.wiring import ep_rank_for
+from sigma_moe.train.fs import fsync_dir, log
 
 OPTIM_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -76,7 +78,7 @@ def consolidate(ckpt: Path, meta: dict[str, Any] | None = None) -> dict[str, Any
     if (ckpt / UNIVERSAL).is_file():
         return torch.load(ckpt / UNIVERSAL, map_location="cpu", weights_only=False)
     world, ep = int(meta["world_size"]), int(meta["ep_size"])
-    main = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    main = torch.load(ckpt / MAIN_STATES, map_location="cpu", weights_only=False)
     files = [ckpt / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)]
     if not files[0].is_file() and (ckpt / "expp_rank_0_mp_rank_00_optim_states.pt").is_file():
         return _consolidate_zero0(ckpt, meta, main, ep)

@@ -5,8 +5,8 @@ step's global batch (``keys_for_step``; micro-batch ``j`` of the global batch is
 ``[j·mb, (j+1)·mb)`` and goes to rank ``j % dp``), reads those samples with
 ``TrainDataset.get_domain_sample``, and after the step hands the per-domain loss sums of the
 whole global batch (all-reduced, so every rank sees the same numbers) back through
-``feedback``. A sampler's resumable state lives behind ``state_dict`` / ``load_state_dict``; the
-loop stores it in the checkpointed ``TrainState.extra["sampler"]``.
+``feedback``. A sampler's resumable state lives behind ``state_dict`` / ``load_state_dict``
+(``sigma_moe.train.hooks.Stateful``); the checkpoint saves it as the component ``sampler``.
 
 ``StaticSampler`` (the default) is megatron's static blend: global sample ``i`` is
 ``train_ds.domain_and_index(i)``, exactly what the loop read before this interface existed.
@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from sigma_moe.train.hooks import Stateful
 
 
 class SamplerError(ValueError):
@@ -72,7 +74,7 @@ class DomainLosses:
         return DomainLosses(t[0].clone(), t[1].clone(), t[2].clone(), has_ref)
 
 
-class Sampler:
+class Sampler(Stateful):
     """Base class: every hook documented, the feedback a no-op.
 
     Subclasses set ``domain_names`` and implement ``keys_for_step``. ``keys_for_step(step)``
@@ -97,6 +99,8 @@ class Sampler:
         return None
 
     def state_dict(self) -> dict[str, Any]:
+        """Its kind and domains (a resume on other domains is refused); online samplers add
+        their weights and accumulators."""
         return {"kind": type(self).__name__, "domain_names": list(self.domain_names)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -212,7 +212,7 @@ def test_export_from_a_bf16_checkpoint(tmp_path):
     the export matches them (fp32 export of bf16-trained weights)."""
     from _ckpt_util import config, train_in_process
 
-    from sigma_moe.train.checkpoint import load_model_for_inference
+    from sigma_moe.model.inference import load_model_for_inference
 
     cfg = config("train.max_steps=2", "parallel.zero_stage=2", "train.precision=bf16")
     train_in_process(cfg, tmp_path / "run")
@@ -345,7 +345,7 @@ def test_export_refuses_mixed_topk(tmp_path, capsys):
     assert "layers [0] top-2" in err and "layers [1] top-1" in err and "step 2" in err, err
     assert not (tmp_path / "out").exists()
     # eval / generate / a Rho-1 reference use the top-k the layers ran with, as from_checkpoint
-    from sigma_moe.train.checkpoint import load_model_for_inference
+    from sigma_moe.model.inference import load_model_for_inference
 
     assert load_model_for_inference(ck)[0].current_topk() == [2, 1] == _ours(ck).current_topk()
 

@@ -41,7 +41,7 @@ def make_ours_reference(folder: Path, tokenizer_fingerprint: str | None = None) 
     from sigma_moe.config import RunConfig
     from sigma_moe.data.tokenizer import load_tokenizer
     from sigma_moe.model import SigmaMoEForCausalLM
-    from sigma_moe.train.checkpoint import build_meta
+    from sigma_moe.model.checkpoint_format import build_meta, model_config_record
 
     cfg = RunConfig()
     cfg.model.preset = "test-tiny"
@@ -53,7 +53,8 @@ def make_ours_reference(folder: Path, tokenizer_fingerprint: str | None = None) 
     ck.mkdir(parents=True, exist_ok=True)
     torch.save({"module": model.state_dict()}, ck / "mp_rank_00_model_states.pt")
     (ck / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    meta = build_meta(1, 8, tokenizer_fingerprint or tok.fingerprint, 1, 1)
+    fp = tokenizer_fingerprint or tok.fingerprint
+    meta = build_meta(1, 8, fp, 1, 1, {"model_config": model_config_record(model)})
     (ck / "meta.json").write_text(json.dumps(meta))
     (folder / "checkpoints" / "latest").write_text("step_00000001")
     return folder / "checkpoints"

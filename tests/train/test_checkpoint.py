@@ -7,14 +7,14 @@ import shutil
 
 from _ckpt_util import baseline_run, config, losses, train_in_process
 
-from sigma_moe.train.checkpoint import (
+from sigma_moe.model.checkpoint_format import (
     META,
     checkpoint_problem,
     list_checkpoints,
-    load_model_for_inference,
     read_meta,
     resolve_checkpoint,
 )
+from sigma_moe.model.inference import load_model_for_inference
 
 
 def test_checkpoint_contents():

@@ -18,7 +18,9 @@ import torch
 from _ckpt_util import REPO, baseline_run, config, train_in_process
 
 from sigma_moe import cli
-from sigma_moe.train.checkpoint import CheckpointError, load_full_state_dict, resolve_checkpoint
+from sigma_moe.errors import CheckpointError
+from sigma_moe.model.checkpoint_format import resolve_checkpoint
+from sigma_moe.model.checkpoint_io import load_full_state_dict
 
 TINY = str(REPO / "configs" / "test-tiny.yaml")
 
@@ -259,7 +261,7 @@ def case_damaged_resume_skips(tmp_path, capsys, damaged):
 
 def case_damaged_old_manifest_crc(tmp_path, capsys, damaged):
     """A checkpoint from before the checksums: the zip entries' CRC32 catch the same damage."""
-    from sigma_moe.train.checkpoint import checkpoint_problem
+    from sigma_moe.model.checkpoint_format import checkpoint_problem
 
     c = tmp_path / "step_00000007"
     shutil.copytree(damaged / "step_00000007", c)
@@ -508,10 +510,10 @@ def _stopping_run_training(monkeypatch, at_step, swap_cfg=None):
 
     real, calls = loop.run_training, []
 
-    def run_training(cfg, out, resume="none", extra_callbacks=None):
+    def run_training(cfg, out, resume="none", extra_callbacks=None, **kw):
         calls.append(Path(out).name)
         extra = list(extra_callbacks or []) + ([Signal(at_step, 15)] if len(calls) == 1 else [])
-        return real(swap_cfg or cfg, out, resume=resume, extra_callbacks=extra)
+        return real(swap_cfg or cfg, out, resume=resume, extra_callbacks=extra, **kw)
 
     monkeypatch.setattr(loop, "run_training", run_training)
     return calls

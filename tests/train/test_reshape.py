@@ -25,7 +25,8 @@ from _ckpt_util import (
 )
 
 from sigma_moe import cli
-from sigma_moe.train.checkpoint import load_model_for_inference, read_meta
+from sigma_moe.model.checkpoint_format import read_meta
+from sigma_moe.model.inference import load_model_for_inference
 from sigma_moe.train.reshape import consolidate
 
 pytestmark = pytest.mark.distributed

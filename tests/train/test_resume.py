@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from _ckpt_util import PY, REPO, baseline_run, evals, losses, subprocess_env, train_in_process
 
-from sigma_moe.train.checkpoint import checkpoint_problem, resolve_checkpoint
+from sigma_moe.model.checkpoint_format import checkpoint_problem, resolve_checkpoint
 
 UTIL = str(Path(__file__).with_name("_ckpt_util.py"))
 
