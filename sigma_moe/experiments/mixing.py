@@ -114,6 +114,7 @@ def plot_heatmaps(a: tuple[str, Path], b: tuple[str, Path], path: Path) -> None:
     for ax in axes[-1]:
         ax.set_xlabel("expert")
     fig.colorbar(im, ax=axes.ravel().tolist(), label="share of the domain's tokens", shrink=0.8)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
