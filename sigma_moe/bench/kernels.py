@@ -72,11 +72,20 @@ def run(quick: bool = False, repeats: int | None = None, device: str | None = No
     reps = repeats or (3 if quick else 7)
     info = machine_info()
     peak = gemm_flops(dev, m=T, k=D, n=D)
-    rows: list[dict] = []
+    # one generator drawn in this order (routing, permute, grouped SwiGLU): same inputs as before
     gen = torch.Generator().manual_seed(0)
     backends = ["torch"] + (["triton"] if dev.type == "cuda" else [])
+    rows: list[dict] = []
+    rows += _bench_topk_route(T, E, gen, dev, backends, reps, peak)
+    rows += _bench_permute(T, D, E, gen, dev, backends, reps, peak)
+    rows += _bench_grouped_swiglu(T, D, F, E, gen, dev, backends, reps, peak)
+    # dense yardstick: same FLOPs as one GEMM-chain of the same rows
+    return {"machine": info, "gemm_flops_per_s": peak, "shape": dict(T=T, D=D, F=F, E=E),
+            "rows": rows}  # fmt: skip
 
-    # ---------------- topk_route ----------------
+
+def _bench_topk_route(T, E, gen, dev, backends, reps, peak) -> list[dict]:
+    rows: list[dict] = []
     for k in (1, 8):
         logits = torch.randn(T, E, generator=gen).to(dev).requires_grad_()
         gw = torch.randn(T, k, generator=gen).to(dev)
@@ -92,8 +101,11 @@ def run(quick: bool = False, repeats: int | None = None, device: str | None = No
             )
         res = time_side_by_side(fns, reps, 2, dev)
         rows += _rows("topk_route", f"T={T} E={E} k={k}", res, None, peak)
+    return rows
 
-    # ---------------- permute + unpermute ----------------
+
+def _bench_permute(T, D, E, gen, dev, backends, reps, peak) -> list[dict]:
+    rows: list[dict] = []
     for k in (1, 8):
         x = torch.randn(T, D, generator=gen).to(dev).requires_grad_()
         experts = torch.rand(T, E, generator=gen).argsort(-1)[:, :k].to(dev)
@@ -112,8 +124,21 @@ def run(quick: bool = False, repeats: int | None = None, device: str | None = No
             )
         res = time_side_by_side(fns, reps, 2, dev)
         rows += _rows("permute+unpermute", f"T={T} D={D} k={k}", res, None, peak)
+    return rows
 
-    # ---------------- grouped_swiglu ----------------
+
+# the alternatives measured when choosing the grouped-SwiGLU design (CPU only)
+_SWIGLU_ALTS = {
+    "alt: per-expert torch.mm loop, manual bwd": (fwd_torch_loop, bwd_torch_loop),
+    "alt: one padded bmm (single range)": _ranged(10**9, 10**9),
+    "alt: ranged bmm, ranges <= 512 rows": _ranged(None, 512),
+    "alt: ranged bmm, ranges <= 8192 rows": _ranged(None, 8192),
+    "alt: ranged bmm, alpha=16": _ranged(16, None),
+    "alt: ranged bmm, alpha=48 (before 2026-12-01)": _ranged(48, 512),
+}
+
+
+def _bench_grouped_swiglu(T, D, F, E, gen, dev, backends, reps, peak) -> list[dict]:
     N = T
     counts = torch.bincount(torch.randint(0, E, (N,), generator=gen), minlength=E).to(dev)
     x = torch.randn(N, D, generator=gen).to(dev).requires_grad_()
@@ -130,18 +155,7 @@ def run(quick: bool = False, repeats: int | None = None, device: str | None = No
     for be in backends:
         fns[be] = lambda be=be: gsw(lambda *a: K.grouped_swiglu(*a, backend=be))
     if dev.type == "cpu":
-        alts = {
-            "alt: per-expert torch.mm loop, manual bwd": (
-                fwd_torch_loop,
-                bwd_torch_loop,
-            ),
-            "alt: one padded bmm (single range)": _ranged(10**9, 10**9),
-            "alt: ranged bmm, ranges <= 512 rows": _ranged(None, 512),
-            "alt: ranged bmm, ranges <= 8192 rows": _ranged(None, 8192),
-            "alt: ranged bmm, alpha=16": _ranged(16, None),
-            "alt: ranged bmm, alpha=48 (before 2026-12-01)": _ranged(48, 512),
-        }
-        for name, (f, b) in alts.items():
+        for name, (f, b) in _SWIGLU_ALTS.items():
             fns[name] = lambda f=f, b=b: gsw(lambda *a, f=f, b=b: _AltGroupedSwiGLU.apply(*a, f, b))
         try:
             _grouped_mm_swiglu(x.detach(), counts, *(w.detach() for w in ws))
@@ -149,10 +163,7 @@ def run(quick: bool = False, repeats: int | None = None, device: str | None = No
         except (RuntimeError, NotImplementedError):
             pass
     res = time_side_by_side(fns, reps, 1, dev)
-    rows += _rows("grouped_swiglu", f"N={N} D={D} F={F} E={E}", res, _swiglu_flops(N, D, F), peak)
-    # dense yardstick: same FLOPs as one GEMM-chain of the same rows
-    return {"machine": info, "gemm_flops_per_s": peak, "shape": dict(T=T, D=D, F=F, E=E),
-            "rows": rows}  # fmt: skip
+    return _rows("grouped_swiglu", f"N={N} D={D} F={F} E={E}", res, _swiglu_flops(N, D, F), peak)
 
 
 def _rows(op, case, res, flops, peak):

@@ -64,3 +64,5 @@ def bwd_torch_loop(dy_ND, x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD, hg_NF, hu_NF):
         dxe = dx_ND[sl]
         torch.mm(dhg_NF[sl], wg_EDF[e].t(), out=dxe)
         dxe.addmm_(dhu_NF[sl], wu_EDF[e].t())
+        s += n
+    return dx_ND, dwg, dwu, dwd

@@ -100,6 +100,67 @@ def _split_docs(n: int, val_fraction: float, seed: int) -> np.ndarray:
     return is_val
 
 
+def _tokenize_docs(docs, tokenizer: Tokenizer, dtype) -> list[np.ndarray]:
+    """Token ids of each non-empty document followed by EOD, encoded ``_ENCODE_BATCH`` at a time."""
+    all_ids: list[np.ndarray] = []
+    batch: list[str] = []
+
+    def flush():
+        for ids in tokenizer.encode_batch(batch):
+            if ids:
+                arr = np.empty(len(ids) + 1, dtype=dtype)
+                arr[:-1] = ids
+                arr[-1] = tokenizer.eod
+                all_ids.append(arr)
+        batch.clear()
+
+    for d in docs:
+        batch.append(d)
+        if len(batch) >= _ENCODE_BATCH:
+            flush()
+    flush()
+    return all_ids
+
+
+def _num_tokens(docs_ids: list[np.ndarray]) -> int:
+    return int(sum(len(a) for a in docs_ids))
+
+
+def _write_splits(
+    out: Path, domain: str, train_docs: list, val_docs: list, dtype, base_meta: dict
+) -> tuple[str, str | None]:
+    """Write the train split (and the val split, or remove a stale one) with their meta files."""
+    train_prefix = out / domain
+    _write_indexed(train_prefix, train_docs, dtype)
+    _write_json(
+        meta_path(train_prefix),
+        {
+            **base_meta,
+            "split": "train",
+            "num_docs": len(train_docs),
+            "num_tokens": _num_tokens(train_docs),
+            "val_num_docs": len(val_docs),
+            "val_num_tokens": _num_tokens(val_docs),
+        },
+    )
+    val_prefix = out / f"{domain}-val"
+    if val_docs:
+        _write_indexed(val_prefix, val_docs, dtype)
+        _write_json(
+            meta_path(val_prefix),
+            {
+                **base_meta,
+                "split": "val",
+                "num_docs": len(val_docs),
+                "num_tokens": _num_tokens(val_docs),
+            },
+        )
+        return str(train_prefix), str(val_prefix)
+    for suffix in (".bin", ".idx", ".meta.json"):  # no stale split from an earlier run
+        Path(f"{val_prefix}{suffix}").unlink(missing_ok=True)
+    return str(train_prefix), None
+
+
 def prepare_docs(
     docs,
     domain: str,
@@ -118,74 +179,27 @@ def prepare_docs(
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     out = check_output_folder(out_dir, "--out")
     out.mkdir(parents=True, exist_ok=True)
-    eod = tokenizer.eod
     dtype = _token_dtype(tokenizer.vocab_size)
-
-    all_ids: list[np.ndarray] = []
-    batch: list[str] = []
-
-    def flush():
-        for ids in tokenizer.encode_batch(batch):
-            if ids:
-                arr = np.empty(len(ids) + 1, dtype=dtype)
-                arr[:-1] = ids
-                arr[-1] = eod
-                all_ids.append(arr)
-        batch.clear()
-
-    for d in docs:
-        batch.append(d)
-        if len(batch) >= _ENCODE_BATCH:
-            flush()
-    flush()
+    all_ids = _tokenize_docs(docs, tokenizer, dtype)
     if not all_ids:
         raise ValueError(f"domain {domain!r}: the inputs hold no non-empty document")
 
     is_val = _split_docs(len(all_ids), val_fraction, seed)
     train_docs = [a for a, v in zip(all_ids, is_val) if not v]
     val_docs = [a for a, v in zip(all_ids, is_val) if v]
-
     base_meta = {
         "format": META_FORMAT,
         "domain": domain,
         "tokenizer_fingerprint": tokenizer.fingerprint,
         "tokenizer_path": tokenizer.path,
         "vocab_size": tokenizer.vocab_size,
-        "eod": eod,
+        "eod": tokenizer.eod,
         "dtype": np.dtype(dtype).name,
         "val_fraction": float(val_fraction),
         "seed": int(seed),
         **(extra_meta or {}),
     }
-    train_prefix = out / domain
-    _write_indexed(train_prefix, train_docs, dtype)
-    _write_json(
-        meta_path(train_prefix),
-        {
-            **base_meta,
-            "split": "train",
-            "num_docs": len(train_docs),
-            "num_tokens": int(sum(len(a) for a in train_docs)),
-            "val_num_docs": len(val_docs),
-            "val_num_tokens": int(sum(len(a) for a in val_docs)),
-        },
-    )
-    val_prefix = out / f"{domain}-val"
-    if val_docs:
-        _write_indexed(val_prefix, val_docs, dtype)
-        _write_json(
-            meta_path(val_prefix),
-            {
-                **base_meta,
-                "split": "val",
-                "num_docs": len(val_docs),
-                "num_tokens": int(sum(len(a) for a in val_docs)),
-            },
-        )
-        return str(train_prefix), str(val_prefix)
-    for suffix in (".bin", ".idx", ".meta.json"):  # no stale split from an earlier run
-        Path(f"{val_prefix}{suffix}").unlink(missing_ok=True)
-    return str(train_prefix), None
+    return _write_splits(out, domain, train_docs, val_docs, dtype, base_meta)
 
 
 def prepare_data(

@@ -85,67 +85,18 @@ class RefLossStore:
                 raise ValueError(
                     f"{len(domain_names)} domain names but {len(domain_sizes)} domain sizes"
                 )
+        given = (
+            domain_names,
+            domain_sizes,
+            seq_len,
+            tokenizer_fingerprint,
+            reference_fingerprint,
+            domain_identities,
+        )
         if meta_path.is_file():
-            try:
-                meta = json.loads(meta_path.read_text())
-            except json.JSONDecodeError as e:
-                raise StoreMetaError(
-                    f"reference-loss store {self.root}: corrupt {META}: {e}"
-                ) from e
-            self._validate(
-                meta,
-                domain_names,
-                domain_sizes,
-                seq_len,
-                tokenizer_fingerprint,
-                reference_fingerprint,
-                domain_identities,
-            )
-            if mode == "w":
-                changed = False
-                for key, val in (
-                    ("tokenizer_fingerprint", tokenizer_fingerprint),
-                    ("reference_fingerprint", reference_fingerprint),
-                ):
-                    if meta.get(key) is None and val is not None:
-                        meta[key] = val
-                        changed = True
-                for i, name in enumerate(domain_names or []):
-                    if name not in meta["domains"]:
-                        meta["domains"][name] = {
-                            "size": int(domain_sizes[i]),
-                            "identity": domain_identities[i] if domain_identities else None,
-                        }
-                        changed = True
-                if changed:
-                    _write_json_atomic(meta_path, meta)
+            meta = self._reopen_meta(*given)
         else:
-            if mode == "r":
-                raise FileNotFoundError(
-                    f"reference-loss store {self.root} does not exist (no {META}); "
-                    "fill it with `sigma-moe score` or use rho1.scorer=process|inline"
-                )
-            if domain_names is None or domain_sizes is None or seq_len is None:
-                raise ValueError(
-                    f"creating reference-loss store {self.root} needs domain_names, "
-                    "domain_sizes and seq_len"
-                )
-            self.root.mkdir(parents=True, exist_ok=True)
-            meta = {
-                "format_version": FORMAT_VERSION,
-                "seq_len": int(seq_len),
-                "dtype": dtype,
-                "tokenizer_fingerprint": tokenizer_fingerprint,
-                "reference_fingerprint": reference_fingerprint,
-                "domains": {
-                    n: {
-                        "size": int(s),
-                        "identity": domain_identities[i] if domain_identities else None,
-                    }
-                    for i, (n, s) in enumerate(zip(domain_names, domain_sizes))
-                },
-            }
-            _write_json_atomic(meta_path, meta)
+            meta = self._create_meta(*given, dtype)
         self.meta = meta
         self.seq_len = int(meta["seq_len"])
         self.np_dtype = _DTYPES[meta["dtype"]]
@@ -162,6 +113,59 @@ class RefLossStore:
             self._open_domain(n)
 
     # ------------------------------------------------------------------ meta
+
+    def _reopen_meta(self, names, sizes, seq_len, tok_fp, ref_fp, identities) -> dict:
+        """Read and validate an existing meta.json; in mode "w" fill in fingerprints it lacks
+        and add domains it does not know yet (rewritten atomically only when something changed)."""
+        meta_path = self.root / META
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as e:
+            raise StoreMetaError(f"reference-loss store {self.root}: corrupt {META}: {e}") from e
+        self._validate(meta, names, sizes, seq_len, tok_fp, ref_fp, identities)
+        if self.mode == "w":
+            changed = False
+            for key, val in (("tokenizer_fingerprint", tok_fp), ("reference_fingerprint", ref_fp)):
+                if meta.get(key) is None and val is not None:
+                    meta[key] = val
+                    changed = True
+            for i, name in enumerate(names or []):
+                if name not in meta["domains"]:
+                    meta["domains"][name] = {
+                        "size": int(sizes[i]),
+                        "identity": identities[i] if identities else None,
+                    }
+                    changed = True
+            if changed:
+                _write_json_atomic(meta_path, meta)
+        return meta
+
+    def _create_meta(self, names, sizes, seq_len, tok_fp, ref_fp, identities, dtype) -> dict:
+        """Create the store folder and its meta.json (mode "w" only)."""
+        if self.mode == "r":
+            raise FileNotFoundError(
+                f"reference-loss store {self.root} does not exist (no {META}); "
+                "fill it with `sigma-moe score` or use rho1.scorer=process|inline"
+            )
+        if names is None or sizes is None or seq_len is None:
+            raise ValueError(
+                f"creating reference-loss store {self.root} needs domain_names, "
+                "domain_sizes and seq_len"
+            )
+        self.root.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "seq_len": int(seq_len),
+            "dtype": dtype,
+            "tokenizer_fingerprint": tok_fp,
+            "reference_fingerprint": ref_fp,
+            "domains": {
+                n: {"size": int(s), "identity": identities[i] if identities else None}
+                for i, (n, s) in enumerate(zip(names, sizes))
+            },
+        }
+        _write_json_atomic(self.root / META, meta)
+        return meta
 
     def _err(self, what: str, stored, given) -> StoreMetaError:
         return StoreMetaError(
