@@ -1,5 +1,5 @@
-"""linear_cross_entropy: LM head + per-token cross-entropy in row chunks, never holding the
-full [T, V] logits (nor their fp32 copy, softmax or gradient) at once.
+"""linear_cross_entropy: LM head + per-token cross-entropy; above a logits-size budget in row
+chunks, never holding the full [T, V] logits (nor their fp32 copy, softmax or gradient) at once.
 
     loss_T = linear_cross_entropy(h_TD, w_VD, labels_T)   # fp32, 0 where labels == -100
 
@@ -10,13 +10,15 @@ tokens after the forward (Rho-1 picks them from this very loss); that is why the
 recomputes each chunk's logits instead of computing the gradient in the forward as Liger's
 fused-linear-CE does (that needs the loss weights before the forward).
 
-Why: memory first. Unchunked, a demo-cpu step (T=2048 tokens, V=8192) holds the fp32 logits,
-their log-softmax and the logits' gradient, 64 MB each, at once; chunked, the temporaries are
-one chunk's (16 MB at 512 rows) and only h, the per-token log-sum-exp and the labels are saved.
-Speed (in-process A/B on real demo batches, E=96, 2 threads, medians of 10-16 alternating
-steps, 2026-12-01, loaded machine): eager 0.97x and 1.11x the unchunked step in two runs (the
-recompute GEMM costs what the skipped passes over 64 MB save), under torch.compile 1.04-1.14x
-(inductor fuses each chunk's elementwise tail); chunks of 256 and 1024 rows were slower than 512.
+Why chunks only for big logits: the chunked path bounds memory (one chunk's temporaries, 16 MB
+at 512 rows of an 8k vocab; h, the per-token log-sum-exp and the labels saved) where the
+unchunked one holds the fp32 logits, their log-softmax and their gradient at once (3 x 64 MB at
+2048 tokens x 8192; 3 x 2.5 GB at 4096 x 151,936). It is not faster on this 2-core CPU:
+LM head + CE fwd+bwd at T=2048, D=256, V=8192, fp32, in-process alternating medians
+(the LM head + CE alone, variants alternating 16 rounds in one process, 2026-12-01): chunked 512 rows 0.68x the unchunked speed at
+load 6 (more, smaller parallel regions suffer most from contention), 0.9-1.1x at load ~1.5
+(the recompute GEMM costs what the skipped 64 MB passes save). So the unchunked path runs
+while the logits stay under UNCHUNKED_MAX_BYTES, and the chunks beyond it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ import torch
 from torch import Tensor
 
 CHUNK_ROWS = 512  # 512 x 8192 fp32 = 16 MB per temporary
+# Below this many bytes of fp32 logits the unchunked path runs (see "Why" above): 2048 tokens x
+# 8192 vocab (the CPU demo) is 64 MB; Sigma-MoE-Tiny's 151,936-token vocab passes it at 442 rows.
+UNCHUNKED_MAX_BYTES = 256 * 2**20
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -76,16 +81,19 @@ class _LinearCE(torch.autograd.Function):
 
 def linear_cross_entropy_reference(h_TD: Tensor, w_VD: Tensor, labels_T: Tensor) -> Tensor:
     """The plain torch meaning: full logits, then fp32 CE (what the model did before)."""
-    logits_TV = _chunk_logits(h_TD, w_VD)
+    logits_TV = torch.nn.functional.linear(h_TD, w_VD).to(_acc(h_TD.dtype))
     return torch.nn.functional.cross_entropy(
         logits_TV, labels_T, ignore_index=-100, reduction="none"
     )
 
 
 def linear_cross_entropy(
-    h_TD: Tensor, w_VD: Tensor, labels_T: Tensor, chunk: int = CHUNK_ROWS
+    h_TD: Tensor, w_VD: Tensor, labels_T: Tensor, chunk: int | None = None
 ) -> Tensor:
-    """Per-token fp32 CE of ``h_TD @ w_VD.T`` against ``labels_T`` (-100 = ignored, loss 0)."""
+    """Per-token fp32 CE of ``h_TD @ w_VD.T`` against ``labels_T`` (-100 = ignored, loss 0).
+
+    ``chunk=None``: the unchunked path while the fp32 logits stay under UNCHUNKED_MAX_BYTES,
+    else chunks of CHUNK_ROWS rows; an int forces chunks of that many rows."""
     if h_TD.dim() != 2 or w_VD.dim() != 2 or h_TD.shape[1] != w_VD.shape[1]:
         raise ValueError(
             f"linear_cross_entropy: h_TD {tuple(h_TD.shape)} and w_VD {tuple(w_VD.shape)} "
@@ -95,7 +103,7 @@ def linear_cross_entropy(
         raise ValueError(
             f"linear_cross_entropy: labels_T {tuple(labels_T.shape)} must be [{h_TD.shape[0]}]"
         )
-    if chunk < 1:
+    if chunk is not None and chunk < 1:
         raise ValueError(f"linear_cross_entropy: chunk must be >= 1, got {chunk}")
     bad = (labels_T != -100) & ((labels_T < 0) | (labels_T >= w_VD.shape[0]))
     # (a host sync; skipped under torch.compile, where it would split the graph)
@@ -104,4 +112,8 @@ def linear_cross_entropy(
             f"linear_cross_entropy: labels must be -100 or in [0, {w_VD.shape[0]}), got "
             f"{labels_T[bad][:4].tolist()}"
         )
+    if chunk is None:
+        if h_TD.shape[0] * w_VD.shape[0] * 4 <= UNCHUNKED_MAX_BYTES:
+            return linear_cross_entropy_reference(h_TD, w_VD, labels_T)
+        chunk = CHUNK_ROWS
     return _LinearCE.apply(h_TD, w_VD, labels_T, chunk)

@@ -90,3 +90,23 @@ def test_bad_input_is_named(bad, match):
         kw["chunk"] = 0
     with pytest.raises(ValueError, match=match):
         K.linear_cross_entropy(h, w, labels, **kw)
+
+
+def test_default_path_by_logits_size(monkeypatch):
+    """chunk=None: the unchunked reference (bitwise) under the budget, chunks above it."""
+    import sigma_moe_kernels.linear_ce as lce
+
+    h, w, labels, g = _case(40, 8, 30, seed=4)
+    ref = _loss_and_grads(K.reference.linear_cross_entropy, h, w, labels, g)
+    small = _loss_and_grads(K.linear_cross_entropy, h, w, labels, g)
+    for a, b in zip(small, ref):
+        assert torch.equal(a, b)
+    calls = []
+    monkeypatch.setattr(lce, "UNCHUNKED_MAX_BYTES", 40 * 30 * 4 - 1)
+    monkeypatch.setattr(lce, "CHUNK_ROWS", 16)
+    orig = lce._LinearCE.apply
+    monkeypatch.setattr(lce._LinearCE, "apply", lambda *a: calls.append(a[-1]) or orig(*a))
+    big = _loss_and_grads(K.linear_cross_entropy, h, w, labels, g)
+    assert calls == [16]
+    for a, b in zip(big, ref):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
