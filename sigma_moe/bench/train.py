@@ -176,7 +176,7 @@ def train_peer(cfg, model, opt, ds, sampler, steps: int, rank: int = 0, nproc: i
     for step in range(steps):
         t0 = time.perf_counter()
         for g in opt.param_groups:
-            g["lr"] = lr_at(cfg, step)
+            g["lr"] = lr_at(cfg.train, step)
         keys = sampler.keys_for_step(step)
         for a in range(G // (mb * nproc)):
             j = a * nproc + rank

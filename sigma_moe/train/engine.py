@@ -14,7 +14,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from sigma_moe.config import RunConfig
+from sigma_moe.config import ParallelConfig, RunConfig, TrainConfig
 from sigma_moe.parallel.wiring import moe_param_groups
 
 
@@ -74,10 +74,9 @@ def topk_for_step(base: list[int], schedule, step: int) -> list[int]:
     return topk
 
 
-def lr_at(cfg: RunConfig, step: int) -> float:
+def lr_at(tr: TrainConfig, step: int) -> float:
     """Warmup then cosine / WSD (warmup-stable-decay) / constant, from our own step counter, so
-    skipped (NaN) steps and resumes cannot shift the schedule."""
-    tr = cfg.train
+    skipped (NaN) steps and resumes cannot shift the schedule. `tr`: the run's `train` section."""
     if tr.warmup_steps and step < tr.warmup_steps:
         return tr.lr * (step + 1) / tr.warmup_steps
     floor = tr.lr * tr.min_lr_ratio
@@ -103,13 +102,14 @@ def effective_zero_stage(zero_stage: int, world_size: int) -> int:
     return 0 if world_size == 1 else zero_stage
 
 
-def deepspeed_config(cfg: RunConfig, dp_size: int) -> dict[str, Any]:
-    tr = cfg.train
-    stage = cfg.parallel.zero_stage
+def deepspeed_config(tr: TrainConfig, par: ParallelConfig, accum: int) -> dict[str, Any]:
+    """The ds_config of a run from its `train` and `parallel` sections; `accum`: the gradient
+    accumulation steps for this process count (`gradient_accumulation_steps`)."""
+    stage = par.zero_stage
     ds: dict[str, Any] = {
         "train_batch_size": tr.global_batch_size,
         "train_micro_batch_size_per_gpu": tr.micro_batch_size,
-        "gradient_accumulation_steps": gradient_accumulation_steps(cfg, dp_size),
+        "gradient_accumulation_steps": accum,
         # ZeRO-0: the loop clips (one foreach norm that it also logs, Trainer._clip_stage0);
         # DeepSpeed's own ZeRO-0 clipping computes a second norm, parameter by parameter.
         "gradient_clipping": tr.grad_clip if stage > 0 else 0.0,
@@ -121,7 +121,7 @@ def deepspeed_config(cfg: RunConfig, dp_size: int) -> dict[str, Any]:
         "steps_per_print": 10**9,  # never: the loop logs (metrics.jsonl, progress bar)
         "wall_clock_breakdown": False,
     }
-    for k, v in cfg.parallel.deepspeed.items():
+    for k, v in par.deepspeed.items():
         if isinstance(v, dict) and isinstance(ds.get(k), dict):
             ds[k] = {**ds[k], **v}
         else:
@@ -129,10 +129,11 @@ def deepspeed_config(cfg: RunConfig, dp_size: int) -> dict[str, Any]:
     return ds
 
 
-def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
-    groups = moe_param_groups(model, cfg.train.weight_decay)
+def build_optimizer(model: torch.nn.Module, tr: TrainConfig) -> torch.optim.Optimizer:
+    """Fused AdamW over the model's parameter groups, from the run's `train` section."""
+    groups = moe_param_groups(model, tr.weight_decay)
     # eps: torch's AdamW default (the run config does not expose it)
-    kw = dict(lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), eps=1e-8)
+    kw = dict(lr=tr.lr, betas=(tr.beta1, tr.beta2), eps=1e-8)
     try:
         return torch.optim.AdamW(groups, fused=True, **kw)
     except (RuntimeError, TypeError):  # a device without a fused kernel

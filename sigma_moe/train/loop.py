@@ -258,7 +258,7 @@ class Trainer:
         """Top-k of every layer (model.topk_schedule) and the learning rate of `step`, set."""
         topk = topk_for_step(self.model.config.router_topk, self.cfg.model.topk_schedule, step)
         self.model.set_topk(topk)
-        lr = lr_at(self.cfg, step)
+        lr = lr_at(self.cfg.train, step)
         for g in self.engine.optimizer.param_groups:
             g["lr"] = lr
         return topk, lr
@@ -489,10 +489,10 @@ def _run_training(
     model = SigmaMoEForCausalLM(mcfg, ep_rank=ep_rank_for(cfg.parallel.ep_size))
     if cfg.train.compile:
         model = torch.compile(model)  # the kernels are torch.library custom ops: traceable
-    optimizer = build_optimizer(model, cfg)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(cfg, world.world_size)
-    )
+    optimizer = build_optimizer(model, cfg.train)
+    accum = gradient_accumulation_steps(cfg, world.world_size)
+    ds_config = deepspeed_config(cfg.train, cfg.parallel, accum)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     if world.world_size == 1 and cfg.parallel.zero_stage == 0:
         # one process: nothing to all-reduce (DeepSpeed's bucketed all-reduce over the 1-process
         # gloo group cost ~7% of a ZeRO-0 demo-cpu step at E=96, profiled in

@@ -310,7 +310,7 @@ def case_nonfinite_weights_never_called_good(tmp_path, capsys, damaged, monkeypa
     from sigma_moe.train.loop import TrainingStopped
 
     real_lr = loop.lr_at
-    monkeypatch.setattr(loop, "lr_at", lambda c, s: float("inf") if s == 2 else real_lr(c, s))
+    monkeypatch.setattr(loop, "lr_at", lambda t, s: float("inf") if s == 2 else real_lr(t, s))
     run = tmp_path / "run"
     cfg = config("train.max_steps=6", "train.nan_policy=stop", "train.eval_every=100")
     with pytest.raises(TrainingStopped) as e:
