@@ -20,7 +20,7 @@ from sigma_moe.train.hooks import Objective
 
 def build_objective(cfg: RunConfig, out_dir: str | Path) -> Objective | None:
     """The Rho-1 objective of ``cfg.rho1`` (None: plain causal LM)."""
-    return Rho1Callback(cfg, out_dir) if cfg.rho1.mode != "none" else None
+    return Rho1Callback(cfg.rho1, out_dir, run_config=cfg) if cfg.rho1.mode != "none" else None
 
 
 def run_training(

@@ -1,7 +1,7 @@
 """The trainer's Rho-1 objective: one object that owns the scorer and the selection.
 
-``Rho1Callback(cfg, out_dir, world)`` is the training ``Objective`` of a run with
-``rho1.mode != "none"`` (the run assembly, ``sigma_moe.run``, passes it to
+``Rho1Callback(cfg.rho1, out_dir, world, run_config=cfg)`` is the training ``Objective`` of a
+run with ``rho1.mode != "none"`` (the run assembly, ``sigma_moe.run``, passes it to
 ``sigma_moe.train.loop.run_training``), and a ``Callback`` for the scorer's lifetime. On
 ``on_train_start`` it starts a ``ScorerSupervisor`` (the side process on local rank 0 of each
 node, followers on the node's other ranks; or inline / prefilled). Then, each step:
@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from sigma_moe.config import Rho1Config, RunConfig
 from sigma_moe.rho1.scorer import ScorerError, ScorerSupervisor
 from sigma_moe.rho1.selection import (
     EXCESS_HIST_EDGES,
@@ -46,8 +47,8 @@ from sigma_moe.rho1.selection import (
 from sigma_moe.train.hooks import Callback, Objective
 
 
-def default_store_path(cfg, out_dir: str | os.PathLike) -> Path:
-    return Path(cfg.rho1.store) if cfg.rho1.store else Path(out_dir) / "ref_store"
+def default_store_path(rho1: Rho1Config, out_dir: str | os.PathLike) -> Path:
+    return Path(rho1.store) if rho1.store else Path(out_dir) / "ref_store"
 
 
 def _node_ranks(world) -> list[int] | None:
@@ -59,11 +60,21 @@ def _node_ranks(world) -> list[int] | None:
 
 
 class Rho1Callback(Callback, Objective):
+    """Reads only its own section, ``rho1``; ``run_config`` (the whole run) is handed, unread,
+    to the scorer supervisor, whose side process rebuilds the training data and the reference
+    model from it."""
+
     def __init__(
-        self, cfg, out_dir: str | os.PathLike, world=None, *, num_threads: int | None = None
+        self,
+        rho1: Rho1Config,
+        out_dir: str | os.PathLike,
+        world=None,
+        *,
+        run_config: RunConfig,
+        num_threads: int | None = None,
     ):
-        self.cfg, self.out_dir, self.world = cfg, Path(out_dir), world
-        self.r = cfg.rho1
+        self.r, self.out_dir, self.world = rho1, Path(out_dir), world
+        self.run_config = run_config
         self.num_threads = num_threads or int(os.environ.get("SIGMA_MOE_SCORER_THREADS", "1"))
         self.sup: ScorerSupervisor | None = None
         self._stats: dict[str, float] = {}
@@ -85,8 +96,8 @@ class Rho1Callback(Callback, Objective):
             self._group = dist.group.WORLD
         spawn = self.world.local_rank == 0
         self.sup = ScorerSupervisor(
-            self.cfg,
-            default_store_path(self.cfg, self.out_dir),
+            self.run_config,
+            default_store_path(self.r, self.out_dir),
             dataset=trainer.train_ds,
             dp=dp,
             ranks=_node_ranks(self.world) if dp > 1 else None,

@@ -433,7 +433,7 @@ def run_training(
         raise ValueError(
             f"config key 'rho1.mode': {cfg.rho1.mode!r} needs the Rho-1 objective: train through "
             "the run assembly (`sigma-moe train`, sigma_moe.run.run_training) or pass "
-            "objective=sigma_moe.rho1.callback.Rho1Callback(cfg, out_dir)"
+            "objective=sigma_moe.rho1.callback.Rho1Callback(cfg.rho1, out_dir, run_config=cfg)"
         )
     # An objective with hooks runs at the policy place of the callback order.
     policy = [objective] if isinstance(objective, Callback) else []

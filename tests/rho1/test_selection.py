@@ -201,7 +201,7 @@ def test_callback_weight_sum_rank_and_global():
     cfg.rho1.reference = "x"
     cfg.rho1.select_ratio = 0.6
     cfg.rho1.unselected_weight = 0.1
-    cb = Rho1Callback(cfg, "/tmp")
+    cb = Rho1Callback(cfg.rho1, "/tmp", run_config=cfg)
     n_all = torch.tensor([[5.0, 3.0], [2.0, 0.0]], dtype=torch.float64)  # [dp=2, accum=2]
     kw = dict(mode="excess", ratio=0.6, unselected_weight=0.1)
     want_rank = sum(weight_sum(n, **kw) for n in (5, 3, 2, 0))

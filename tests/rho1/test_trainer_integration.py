@@ -33,7 +33,7 @@ def _metrics(out):
 def test_train_with_selection(hf_reference, tmp_path, scorer):
     cfg = _cfg(hf_reference, scorer)
     out = tmp_path / "run"
-    run_training(cfg, out, extra_callbacks=[Rho1Callback(cfg, out)])
+    run_training(cfg, out, extra_callbacks=[Rho1Callback(cfg.rho1, out, run_config=cfg)])
     ms = [m for m in _metrics(out) if "lm_loss" in m]
     assert len(ms) == 3
     for m in ms:

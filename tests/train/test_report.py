@@ -68,7 +68,7 @@ def test_report_of_a_rho1_run_has_its_plots(tmp_path):
             "train.eval_every=100"]  # fmt: skip
     cfg = load_config("configs/test-tiny.yaml", sets)
     run = tmp_path / "run"
-    train_in_process(cfg, run, extra_callbacks=[Rho1Callback(cfg, run)])
+    train_in_process(cfg, run, extra_callbacks=[Rho1Callback(cfg.rho1, run, run_config=cfg)])
     import json
 
     doc = json.loads((run / "rho1_selection.json").read_text())

@@ -97,10 +97,14 @@ def test_resume_with_rho1_scorer_is_bitwise_exact(tmp_path):
         "checkpoint.every=100",
     )
     a, b = tmp_path / "a", tmp_path / "b"
-    train_in_process(cfg, a, extra_callbacks=[Rho1Callback(cfg, a)])
-    train_in_process(cfg, b, extra_callbacks=[Rho1Callback(cfg, b), Signal(2, signal.SIGTERM)])
+
+    def rho1(out):
+        return Rho1Callback(cfg.rho1, out, run_config=cfg)
+
+    train_in_process(cfg, a, extra_callbacks=[rho1(a)])
+    train_in_process(cfg, b, extra_callbacks=[rho1(b), Signal(2, signal.SIGTERM)])
     assert (b / "checkpoints" / "latest").read_text().strip() == "step_00000002"
-    train_in_process(cfg, b, resume="auto", extra_callbacks=[Rho1Callback(cfg, b)])
+    train_in_process(cfg, b, resume="auto", extra_callbacks=[rho1(b)])
     la, lb = losses(a), losses(b)
     assert sorted(lb) == [1, 2, 3, 4]
     assert la == lb
