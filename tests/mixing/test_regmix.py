@@ -71,3 +71,27 @@ def toy_counting(calls):
         return toy(mix, i, folder)
 
     return f
+
+
+@pytest.mark.slow
+def test_proxy_pool_trains_real_proxies_two_at_a_time(tmp_path):
+    """The default train function: warm worker processes training proxies with this trainer."""
+    from sigma_moe.mixing.regmix import DEFAULT_PROXY_SETS, ProxyPool, _worker_ready
+
+    sets = [*DEFAULT_PROXY_SETS, "train.max_steps=6", "train.eval_every=6", "train.log_every=3"]
+    sets.append("data.val_samples_per_domain=2")
+    names = ["prose", "code", "math", "webnoise"]
+    spec = SearchSpec("configs/test-tiny.yaml", names, [0.25] * 4, ["prose"], 3, 0, sets)
+    with ProxyPool(spec, threads=1, parallel=2) as pool:
+        mixes, losses = run_proxies(spec, tmp_path, pool, parallel=2, progress=False)
+        pids = {pid for pid in pool.pool.map(_worker_ready, range(4))}
+    assert len(losses) == 3 and len(pids) == 2  # two long-lived workers served three proxies
+    for i, lv in enumerate(losses):
+        assert set(lv) == set(names)
+        assert all(4.0 < v < 9.5 for v in lv.values()), lv  # trained from ln(vocab) ≈ 9.0
+        proxy = yaml.safe_load((tmp_path / "proxies" / f"{i:03d}" / "proxy.yaml").read_text())
+        w = [d["weight"] for d in proxy["data"]["domains"]]
+        assert w == pytest.approx(mixes[i].tolist(), abs=1e-12)
+        assert "val_loss" in (tmp_path / "proxies" / f"{i:03d}" / "train.log").read_text()
+    # different mixtures, different losses (real training, not a fixed number)
+    assert len({round(lv["prose"], 6) for lv in losses}) == 3
