@@ -10,15 +10,16 @@ tokens after the forward (Rho-1 picks them from this very loss); that is why the
 recomputes each chunk's logits instead of computing the gradient in the forward as Liger's
 fused-linear-CE does (that needs the loss weights before the forward).
 
-Why chunks only for big logits: the chunked path bounds memory (one chunk's temporaries, 16 MB
-at 512 rows of an 8k vocab; h, the per-token log-sum-exp and the labels saved) where the
+Why chunks above 32 MB of logits: the chunked path bounds memory (one chunk's temporaries,
+16 MB at 512 rows of an 8k vocab; h, the per-token log-sum-exp and the labels saved) where the
 unchunked one holds the fp32 logits, their log-softmax and their gradient at once (3 x 64 MB at
-2048 tokens x 8192; 3 x 2.5 GB at 4096 x 151,936). It is not faster on this 2-core CPU:
-LM head + CE fwd+bwd at T=2048, D=256, V=8192, fp32, in-process alternating medians
-(the LM head + CE alone, variants alternating 16 rounds in one process, 2026-12-01): chunked 512 rows 0.68x the unchunked speed at
-load 6 (more, smaller parallel regions suffer most from contention), 0.9-1.1x at load ~1.5
-(the recompute GEMM costs what the skipped 64 MB passes save). So the unchunked path runs
-while the logits stay under UNCHUNKED_MAX_BYTES, and the chunks beyond it.
+2048 tokens x 8192; 3 x 2.5 GB at 4096 x 151,936). On CPU it also keeps every temporary under
+glibc's largest mmap threshold (32 MiB): larger blocks are mmap'ed and unmapped at every free, so
+each step faults them in again (sigma_moe/_malloc.py; with both, a demo-cpu step at E=96 went
+from ~105,000 page faults and ~330 ms of system time to 1 fault, and its median from 940 to
+740 ms, 2026-12-01). Where the logits fit under 32 MB the unchunked path is as fast and simpler
+(no recompute GEMM): LM head + CE alone, 0.68x at load 6 and 0.9-1.1x at load ~1.5 chunked vs
+unchunked, in-process alternating, 2026-12-01.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ import torch
 from torch import Tensor
 
 CHUNK_ROWS = 512  # 512 x 8192 fp32 = 16 MB per temporary
-# Below this many bytes of fp32 logits the unchunked path runs (see "Why" above): 2048 tokens x
-# 8192 vocab (the CPU demo) is 64 MB; Sigma-MoE-Tiny's 151,936-token vocab passes it at 442 rows.
-UNCHUNKED_MAX_BYTES = 256 * 2**20
+# Up to this many bytes of fp32 logits the unchunked path runs (see "Why" above): glibc's largest
+# mmap threshold. 2048 tokens x 8192 vocab (the CPU demo) is 64 MB: chunked.
+UNCHUNKED_MAX_BYTES = 32 * 2**20
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:

@@ -2,4 +2,7 @@
 
 __version__ = "0.1.0"
 
-from sigma_moe import _threads  # noqa: F401,E402  (OpenMP env, before torch is imported)
+from sigma_moe import (
+    _malloc,  # noqa: F401,E402  (glibc keeps freed memory: no per-step faults)
+    _threads,  # noqa: F401,E402  (OpenMP env, before torch is imported)
+)
