@@ -37,6 +37,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _init_process_group(backend: str, attempts: int = 5) -> None:
+    """``deepspeed.init_distributed``; a port this process picked itself is picked again when
+    another process took it first: CI saw two RegMix proxy workers, started together, fail with
+    EADDRINUSE on ports from ``free_port()`` (a port is only free until someone binds it). A port
+    given in ``MASTER_PORT`` is the launcher's: its failure is raised at once."""
+    auto = "MASTER_PORT" not in os.environ
+    for attempt in range(attempts):
+        if auto:
+            os.environ["MASTER_PORT"] = str(free_port())
+        try:
+            deepspeed.init_distributed(dist_backend=backend, verbose=False)
+            return
+        except dist.DistNetworkError as e:
+            if not auto or "EADDRINUSE" not in str(e) or attempt == attempts - 1:
+                raise
+
+
 def init_distributed() -> World:
     """Join (or create) the process group. A plain `python` run becomes a 1-process group so the
     same code path (DeepSpeed engine, collectives) runs everywhere."""
@@ -44,11 +61,8 @@ def init_distributed() -> World:
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(free_port())
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        _init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
