@@ -20,8 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sigma_moe.config import RunConfig
-from sigma_moe.data.dataset import build_domain_streams
+from sigma_moe.config import Rho1Config, RunConfig
+from sigma_moe.data.dataset import build_training_data
 from sigma_moe.mixing.online import OnlineSampler, build_sampler
 from sigma_moe.rho1.reference import check_reference_tokenizer
 from sigma_moe.rho1.scorer import ScorerSupervisor
@@ -40,13 +40,15 @@ class ScorerPlan(Callback):
     (``ScorerSupervisor.plan``), so a stale plan costs time, never correctness.
     """
 
-    def __init__(self, get_supervisor: Callable[[], ScorerSupervisor | None]):
-        self.get_supervisor = get_supervisor
+    def __init__(
+        self, get_supervisor: Callable[[], ScorerSupervisor | None], global_batch_size: int
+    ):
+        self.get_supervisor, self.global_batch_size = get_supervisor, global_batch_size
 
     def _publish(self, trainer) -> None:
         sup = self.get_supervisor()
         if sup is not None and isinstance(trainer.sampler, OnlineSampler):
-            n = trainer.cfg.train.global_batch_size + sup.lookahead
+            n = self.global_batch_size + sup.lookahead
             sup.plan(trainer.sampler.upcoming_keys(n))
 
     def on_train_start(self, trainer) -> None:
@@ -59,22 +61,23 @@ class ScorerPlan(Callback):
 class DoReMiReference(Callback):
     """Callback (online-doremi with rho1.mode=none): per-token reference losses for every batch
     from the Rho-1 scorer (``rho1.scorer``: inline, or its side process fed by ``ScorerPlan``),
-    into the run's reference-loss store."""
+    into the run's reference-loss store. `rho1`: the `rho1` section; `run_config` only travels,
+    unread here, to the scorer (its side process rebuilds the training data)."""
 
-    def __init__(self, cfg: RunConfig, out_dir: Path):
-        self.cfg, self.out_dir = cfg, Path(out_dir)
+    def __init__(self, rho1: Rho1Config, out_dir: Path, *, run_config: RunConfig):
+        self.rho1, self.out_dir, self.run_config = rho1, Path(out_dir), run_config
         self.sup: ScorerSupervisor | None = None
 
     def on_train_start(self, trainer) -> None:
         store = self.out_dir / "ref_store"
         if trainer.dp > 1:  # the scorers of several ranks must not share one store
             store = self.out_dir / f"ref_store.rank{trainer.world.rank}"
-        inline = self.cfg.rho1.scorer == "inline"
+        inline = self.rho1.scorer == "inline"
         self.sup = ScorerSupervisor(
-            self.cfg,
+            self.run_config,
             store,
             dataset=trainer.train_ds,
-            mode=self.cfg.rho1.scorer,
+            mode=self.rho1.scorer,
             num_threads=int(os.environ.get("SIGMA_MOE_SCORER_THREADS", "1")),
             # inline: the trainer's own device; side process: the node's first GPU (or CPU)
             device=str(trainer.world.device) if inline else None,
@@ -102,23 +105,17 @@ def online_data_policy(
     """``loop.DataPolicy`` of an online mixer; every check runs before the model is built."""
     if cfg.data.mixing.kind == "online-doremi":
         check_reference_tokenizer(cfg.rho1.reference, tokenizer)
-    # Any domain may be read by every sample of the run: each stream holds num_samples.
-    ds = build_domain_streams(
-        cfg.data.domains,
-        cfg.data.seq_len,
-        num_samples,
-        cfg.train.seed,
-        tokenizer,
-        reset_at_eod=cfg.data.reset_at_eod,
-    )
+    # An online kind: one stream of num_samples per domain (any domain may be read by all).
+    ds = build_training_data(cfg.data, num_samples, cfg.train.seed, tokenizer)
     sampler = build_sampler(cfg, ds.domain_names)
     callbacks: list[Callback] = []
+    G = cfg.train.global_batch_size
     if cfg.data.mixing.kind == "online-doremi" and cfg.rho1.mode == "none":
-        ref = DoReMiReference(cfg, out_dir)
-        callbacks += [ref, ScorerPlan(lambda: ref.sup)]
+        ref = DoReMiReference(cfg.rho1, out_dir, run_config=cfg)
+        callbacks += [ref, ScorerPlan(lambda: ref.sup, G)]
     elif cfg.rho1.mode != "none" and objective is not None:
         # the Rho-1 objective's scorer (the same store and side process DoReMi reads)
-        callbacks.append(ScorerPlan(lambda: getattr(objective, "sup", None)))
+        callbacks.append(ScorerPlan(lambda: getattr(objective, "sup", None), G))
     return ds, sampler, callbacks
 
 

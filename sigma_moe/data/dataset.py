@@ -380,6 +380,31 @@ def build_domain_streams(
     )
 
 
+def build_training_data(
+    data: Any,
+    num_samples: int,
+    seed: int,
+    tokenizer: Tokenizer | str = "bundled",
+    cache_dir: str | os.PathLike | None = None,
+) -> TrainDataset:
+    """The training data a run's ``data`` section describes (``domains``, ``seq_len``,
+    ``reset_at_eod``, ``mixing.kind``) for ``num_samples`` samples of seed ``seed`` (the
+    ``train`` section's): the static blend (``build_train_dataset``), or for an online mixing
+    kind one stream of ``num_samples`` per domain (``build_domain_streams``: any domain may be
+    read by every sample). The trainer, the mixing run assembly and the Rho-1 scorer, which
+    rebuilds the trainer's data in its side process, all build it here."""
+    build = build_train_dataset if data.mixing.kind == "static" else build_domain_streams
+    return build(
+        data.domains,
+        data.seq_len,
+        num_samples,
+        seed,
+        tokenizer,
+        reset_at_eod=data.reset_at_eod,
+        cache_dir=cache_dir,
+    )
+
+
 class ValDataset(torch.utils.data.Dataset):
     """The first ``len`` samples of one epoch over a domain's ``-val`` prefix (fixed order)."""
 

@@ -21,7 +21,7 @@ import torch
 
 from sigma_moe.config import RunConfig, config_from_dict
 from sigma_moe.data.batch import block_causal_mask, masked_labels
-from sigma_moe.data.dataset import build_domain_streams, build_train_dataset, collate
+from sigma_moe.data.dataset import build_training_data, collate
 from sigma_moe.data.tokenizer import load_tokenizer
 from sigma_moe.errors import ScorerFailure
 from sigma_moe.rho1.reference import score_batch
@@ -54,15 +54,7 @@ def build_dataset(cfg, num_samples: int | None = None, tokenizer=None):
     the mixing run assembly trains on; no global order, keys come from a plan)."""
     tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.data.tokenizer)
     n = int(num_samples) if num_samples else default_num_samples(cfg)
-    build = build_train_dataset if cfg.data.mixing.kind == "static" else build_domain_streams
-    return build(
-        cfg.data.domains,
-        cfg.data.seq_len,
-        n,
-        cfg.train.seed,
-        tok,
-        reset_at_eod=cfg.data.reset_at_eod,
-    )
+    return build_training_data(cfg.data, n, cfg.train.seed, tok)
 
 
 def domain_identities(ds) -> list[str]:

@@ -328,7 +328,7 @@ class Checkpointer(Callback):
                     f"{meta.get('world_size') or '-'} processes) to ep_size "
                     f"{self.facts.ep_size} on {self.world.world_size} processes"
                 )
-            st = reshape.load_reshaped(trainer, ckpt, meta)
+            st = reshape.load_reshaped(trainer, ckpt, meta, self.facts.ep_size)
         trainer.state.step, trainer.state.consumed_samples = st["step"], st["consumed_samples"]
         trainer.state.tokens, trainer.state.nan_skips = st["tokens"], st["nan_skips"]
         self._load_components(trainer, ckpt, st)

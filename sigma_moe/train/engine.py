@@ -14,7 +14,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from sigma_moe.config import ParallelConfig, RunConfig, TrainConfig
+from sigma_moe.config import ParallelConfig, TrainConfig
 from sigma_moe.parallel.wiring import moe_param_groups
 
 
@@ -72,12 +72,6 @@ def init_distributed() -> World:
     return World(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
-def gradient_accumulation_steps(cfg: RunConfig, dp_size: int) -> int:
-    """Derived, never configured: the same recipe trains the same global batch on any number of
-    processes (``RunConfig.check_world`` refuses a batch the processes cannot split)."""
-    return cfg.check_world(dp_size)
-
-
 def topk_for_step(base: list[int], schedule, step: int) -> list[int]:
     """Progressive sparsification: the first phase whose `until_step` is still ahead applies."""
     topk = list(base)
@@ -118,7 +112,7 @@ def effective_zero_stage(zero_stage: int, world_size: int) -> int:
 
 def deepspeed_config(tr: TrainConfig, par: ParallelConfig, accum: int) -> dict[str, Any]:
     """The ds_config of a run from its `train` and `parallel` sections; `accum`: the gradient
-    accumulation steps for this process count (`gradient_accumulation_steps`)."""
+    accumulation steps for this process count (`RunConfig.check_world` derives them)."""
     stage = par.zero_stage
     ds: dict[str, Any] = {
         "train_batch_size": tr.global_batch_size,

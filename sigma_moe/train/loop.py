@@ -25,9 +25,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
-from sigma_moe.config import RunConfig, save_config
+from sigma_moe.config import RunConfig, TopkPhase, TrainConfig, save_config
 from sigma_moe.data.batch import block_causal_mask, masked_labels
-from sigma_moe.data.dataset import build_train_dataset, build_val_datasets, collate
+from sigma_moe.data.dataset import build_training_data, build_val_datasets, collate
 from sigma_moe.data.tokenizer import load_tokenizer
 from sigma_moe.errors import ScorerFailure, TrainingStopped
 from sigma_moe.model import SigmaMoEForCausalLM
@@ -39,7 +39,6 @@ from sigma_moe.train.engine import (
     build_optimizer,
     deepspeed_config,
     effective_zero_stage,
-    gradient_accumulation_steps,
     init_distributed,
     lr_at,
     measure_peak_flops,
@@ -61,7 +60,33 @@ from sigma_moe.train.sampling import DomainLosses, Sampler, StaticSampler
 DataPolicy = Callable[[RunConfig, Any, int], tuple[Any, Sampler, list]]
 
 
-__all__ = ["TrainState", "Trainer", "TrainingStopped", "run_training"]  # TrainingStopped: errors
+# TrainingStopped: sigma_moe.errors's, re-exported for the callers that catch it from here
+__all__ = ["LoopFacts", "TrainState", "Trainer", "TrainingStopped", "loop_facts", "run_training"]
+
+
+@dataclass(frozen=True)
+class LoopFacts:
+    """What the loop needs of the config sections besides `train` (its builder,
+    `_run_training`, passes them in; `loop_facts` reads them from the run config)."""
+
+    seq_len: int  # data.seq_len: tokens per sample (the step's token count, MFU)
+    topk_schedule: tuple[TopkPhase, ...]  # model.topk_schedule (progressive sparsification)
+    ep_size: int  # parallel.ep_size: each expert's grad lives on world/ep_size ranks
+    zero_stage: int  # parallel.zero_stage as it runs (effective_zero_stage): 0 = the loop clips
+    clean_domains: tuple[str, ...]  # names of the data.domains marked clean (clean_val_loss)
+    accum: int  # gradient-accumulation steps for this process count (RunConfig.check_world)
+
+
+def loop_facts(cfg: RunConfig, world_size: int) -> LoopFacts:
+    """The `LoopFacts` of `cfg` on `world_size` processes (raises on a batch they cannot split)."""
+    return LoopFacts(
+        seq_len=cfg.data.seq_len,
+        topk_schedule=tuple(cfg.model.topk_schedule),
+        ep_size=cfg.parallel.ep_size,
+        zero_stage=cfg.parallel.zero_stage,
+        clean_domains=tuple(d.name for d in cfg.data.domains if d.clean),
+        accum=cfg.check_world(world_size),
+    )
 
 
 @dataclass
@@ -158,10 +183,12 @@ def balance_metrics(
 
 
 class Trainer:
+    """The loop. `train`: the run's `train` section; `facts`: what it needs of the others."""
+
     def __init__(
         self,
-        cfg: RunConfig,
-        out_dir: Path,
+        train: TrainConfig,
+        facts: LoopFacts,
         world: World,
         engine,
         model,
@@ -172,16 +199,16 @@ class Trainer:
         sampler: Sampler | None = None,
         objective: Objective | None = None,
     ):
-        self.cfg, self.out_dir, self.world = cfg, out_dir, world
+        self.train_cfg, self.facts, self.world = train, facts, world
         # Which samples each step reads (sigma_moe.train.sampling); the static blend by default.
-        self.sampler = sampler or StaticSampler(train_ds, cfg.train.global_batch_size)
+        self.sampler = sampler or StaticSampler(train_ds, train.global_batch_size)
         self.step_domain_expert_LKE: torch.Tensor | None = None  # last step's, all ranks
         self.engine, self.model = engine, model
         self.train_ds, self.val_ds, self.tokenizer = train_ds, val_ds, tokenizer
         self.callbacks = [as_callback(cb) for cb in callbacks]
         self.state = TrainState()
         self.dp = world.world_size
-        self.accum = gradient_accumulation_steps(cfg, self.dp)
+        self.accum = facts.accum
         self.peak_flops = measure_peak_flops(world.device)
         self.stop_requested: str | None = None
         # What each batch is trained on (token weights, loss denominator); plain CLM by default.
@@ -196,7 +223,7 @@ class Trainer:
     def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
         """This rank's micro-batches for `step`: micro j of the global batch goes to rank j % dp,
         so the global batch's content does not depend on the number of processes."""
-        mb = self.cfg.train.micro_batch_size
+        mb = self.train_cfg.micro_batch_size
         keys = self.sampler.keys_for_step(step)
         out = []
         for a in range(self.accum):
@@ -242,8 +269,8 @@ class Trainer:
         # steps from them, except on a skipped (non-finite) step, which leaves the model as is.
         counts_LE = self.model.end_step_balance(sums.counts_LE, update_bias=not sums.bad_step)
         self.state.step = step + 1
-        self.state.consumed_samples += self.cfg.train.global_batch_size
-        n_tokens = self.cfg.train.global_batch_size * self.cfg.data.seq_len
+        self.state.consumed_samples += self.train_cfg.global_batch_size
+        n_tokens = self.train_cfg.global_batch_size * self.facts.seq_len
         self.state.tokens += n_tokens
         dt = time.perf_counter() - t0
         m = self._metrics(step, sums, denom, lr, n_tokens, dt)
@@ -256,9 +283,9 @@ class Trainer:
 
     def _schedule(self, step: int) -> tuple[list[int], float]:
         """Top-k of every layer (model.topk_schedule) and the learning rate of `step`, set."""
-        topk = topk_for_step(self.model.config.router_topk, self.cfg.model.topk_schedule, step)
+        topk = topk_for_step(self.model.config.router_topk, self.facts.topk_schedule, step)
         self.model.set_topk(topk)
-        lr = lr_at(self.cfg.train, step)
+        lr = lr_at(self.train_cfg, step)
         for g in self.engine.optimizer.param_groups:
             g["lr"] = lr
         return topk, lr
@@ -300,7 +327,7 @@ class Trainer:
                 for g in self.engine.optimizer.param_groups:
                     g["lr"] = 0.0
             self.engine.backward(loss)
-            if last and self.cfg.parallel.zero_stage == 0:
+            if last and self.facts.zero_stage == 0:
                 sums.grad_norm0 = self._clip_stage0()
             self.engine.step()
             del out, loss
@@ -312,7 +339,7 @@ class Trainer:
         """The step's loss, throughput and optimizer figures (global-batch sums)."""
         tps = n_tokens / dt
         grad_norm = self.engine.get_global_grad_norm()
-        if grad_norm is None and self.cfg.parallel.zero_stage == 0:
+        if grad_norm is None and self.facts.zero_stage == 0:
             grad_norm = sums.grad_norm0
         m: dict[str, Any] = {
             "step": step + 1,
@@ -324,7 +351,7 @@ class Trainer:
             "tokens": self.state.tokens,
             "tokens_per_s": tps,
             "step_time_s": dt,
-            "mfu": self.model.estimate_mfu(tps / self.dp, self.cfg.data.seq_len, self.peak_flops),
+            "mfu": self.model.estimate_mfu(tps / self.dp, self.facts.seq_len, self.peak_flops),
             "selected_frac": sums.weight / max(sums.n_valid, 1.0),
             "dropped_tokens": sums.dropped,
             "nonfinite": sums.bad_step,
@@ -350,18 +377,18 @@ class Trainer:
         if self.dp > 1:
             e = sq[1:].clone()
             dist.all_reduce(e)
-            sq[1] = e[0] / (self.dp // self.cfg.parallel.ep_size)
+            sq[1] = e[0] / (self.dp // self.facts.ep_size)
         total = sq.sum().sqrt()
-        if self.cfg.train.grad_clip > 0:
-            clip_grads_with_norm_(dense + expert, self.cfg.train.grad_clip, total, foreach=True)
+        if self.train_cfg.grad_clip > 0:
+            clip_grads_with_norm_(dense + expert, self.train_cfg.grad_clip, total, foreach=True)
         return float(total)
 
     # ------------------------------------------------------------------ eval
 
     def evaluate(self) -> dict[str, float]:
         """Per-domain validation CE over each domain's held-out split, shared across ranks."""
-        clean = [d.name for d in self.cfg.data.domains if d.clean]
-        mb, rank, device = self.cfg.train.micro_batch_size, self.world.rank, self.world.device
+        clean = list(self.facts.clean_domains)
+        mb, rank, device = self.train_cfg.micro_batch_size, self.world.rank, self.world.device
         val_loss = domain_val_losses(self.engine, self.val_ds, mb, rank, self.dp, device)
         return eval_metrics(val_loss, clean)
 
@@ -380,7 +407,7 @@ class Trainer:
         last: dict[str, Any] = {}
         failure: ScorerFailure | None = None
         try:
-            while self.state.step < self.cfg.train.max_steps and self.stop_requested is None:
+            while self.state.step < self.train_cfg.max_steps and self.stop_requested is None:
                 try:
                     last = self.train_step(self.state.step)
                 except ScorerFailure as e:
@@ -471,14 +498,7 @@ def _run_training(
     if data_policy is not None:
         train_ds, sampler, policy_callbacks = data_policy(cfg, tokenizer, num_samples)
     else:
-        train_ds = build_train_dataset(
-            cfg.data.domains,
-            cfg.data.seq_len,
-            num_samples,
-            cfg.train.seed,
-            tokenizer,
-            reset_at_eod=cfg.data.reset_at_eod,
-        )
+        train_ds = build_training_data(cfg.data, num_samples, cfg.train.seed, tokenizer)
     val_ds = build_val_datasets(
         cfg.data.domains,
         cfg.data.seq_len,
@@ -490,8 +510,8 @@ def _run_training(
     if cfg.train.compile:
         model = torch.compile(model)  # the kernels are torch.library custom ops: traceable
     optimizer = build_optimizer(model, cfg.train)
-    accum = gradient_accumulation_steps(cfg, world.world_size)
-    ds_config = deepspeed_config(cfg.train, cfg.parallel, accum)
+    facts = loop_facts(cfg, world.world_size)
+    ds_config = deepspeed_config(cfg.train, cfg.parallel, facts.accum)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     if world.world_size == 1 and cfg.parallel.zero_stage == 0:
         # one process: nothing to all-reduce (DeepSpeed's bucketed all-reduce over the 1-process
@@ -503,8 +523,8 @@ def _run_training(
     callbacks = default_callbacks(cfg, out_dir, world, resume, policy) + extra_callbacks
     callbacks += policy_callbacks
     trainer = Trainer(
-        cfg,
-        out_dir,
+        cfg.train,
+        facts,
         world,
         engine,
         base_model,

@@ -205,13 +205,11 @@ def _ensure_zero_optimizer_state(zopt, base, step_val: float) -> None:
         zopt._lazy_init_hp_params_optimizer_state()
 
 
-def load_reshaped(trainer, ckpt: Path, meta: dict[str, Any]) -> dict[str, Any]:
-    """Load a checkpoint of any EP/DP layout (or a converted one) into `trainer.engine`:
-    weights, fp32 master weights and Adam moments (each rank its own slice), Adam's step.
-    Returns the checkpoint's train_state."""
+def load_reshaped(trainer, ckpt: Path, meta: dict[str, Any], ep_size: int) -> dict[str, Any]:
+    """Load a checkpoint of any EP/DP layout (or a converted one) into `trainer.engine`, laid
+    out for this run's `ep_size` (parallel.ep_size): weights, fp32 master weights and Adam
+    moments (each rank its own slice), Adam's step. Returns the checkpoint's train_state."""
     state = consolidate(ckpt, meta)
-    cfg = trainer.cfg
-    ep_size = cfg.parallel.ep_size
     ep_rank = ep_rank_for(ep_size)
     engine, model = trainer.engine, trainer.model
     base = _base_optimizer(engine)
