@@ -39,6 +39,7 @@ from sigma_moe.model.checkpoint_format import (
     model_config_record,
     resolve_checkpoint,
 )
+from sigma_moe.model.checkpoint_io import read_checked_checkpoint
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _EXPERTS = "moe.deepspeed_moe.experts.deepspeed_experts.0."
@@ -199,9 +200,9 @@ def export_hf(ckpt: str | Path, out_dir: str | Path, dtype: str = "fp32") -> Pat
 
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
-    ckpt = resolve_checkpoint(ckpt)
-    meta = json.loads((ckpt / META).read_text())
-    model = SigmaMoEForCausalLM.from_checkpoint(ckpt)
+    ckpt = resolve_checkpoint(ckpt)  # checks the manifest, once: read_checked_checkpoint trusts it
+    config, state, meta = read_checked_checkpoint(ckpt)
+    model = SigmaMoEForCausalLM.from_state_dict(config, state, ckpt)
     cfg = model.config
     refuse_unexportable(cfg)
     topk = _single_topk(cfg, ckpt, meta)

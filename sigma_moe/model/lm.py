@@ -81,12 +81,20 @@ class SigmaMoEForCausalLM(nn.Module):
         ZeRO stage or EP size (every expert gathered, EP=1 layout); top-k per layer as at
         the saved step. Reads only the checkpoint (no DeepSpeed, no run config)."""
         config, state, _meta = read_model_checkpoint(path)
+        return cls.from_state_dict(config, state, path)
+
+    @classmethod
+    def from_state_dict(
+        cls, config: SigmaMoEConfig, state: dict[str, torch.Tensor], source: str | Path
+    ) -> SigmaMoEForCausalLM:
+        """A model of `config` holding `state` (a checkpoint's full state dict, as
+        `read_model_checkpoint` gives; `source` names it in the error), fp32, eval mode."""
         model = cls(config)
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as e:
             raise ValueError(
-                f"checkpoint {path} does not fit its recorded model config: {e}"
+                f"checkpoint {source} does not fit its recorded model config: {e}"
             ) from e
         return model.float().eval()
 

@@ -3,7 +3,7 @@
 ``load_reference(path, tokenizer)`` accepts
 
 (a) a checkpoint of ours — a run's ``checkpoints/`` folder, a run folder or one checkpoint
-    folder (``sigma_moe.model.inference.load_model_for_inference``); its
+    folder (``sigma_moe.model.inference``, its manifest checked once); its
     ``meta["tokenizer_fingerprint"]`` must equal the training tokenizer's;
 (b) a transformers model folder (``config.json`` + weights), loaded offline with
     ``AutoModelForCausalLM.from_pretrained``. Its ``tokenizer.json`` must have the training
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from sigma_moe.data.tokenizer import _canonical_fingerprint, load_tokenizer
 from sigma_moe.model import SigmaMoEForCausalLM
 from sigma_moe.model.checkpoint_format import resolve_checkpoint
-from sigma_moe.model.inference import load_model_for_inference
+from sigma_moe.model.inference import load_checked_for_inference
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -130,7 +130,7 @@ def _checked_checkpoint(p: Path, tok_fp: str) -> tuple[Path, str]:
 def _load_ours(p: Path, tok_fp: str, device) -> ReferenceModel:
     # Check the tokenizer before building the model: cheap and the clearer error.
     ckpt, ref_tok = _checked_checkpoint(p, tok_fp)
-    model, _cfg, meta = load_model_for_inference(ckpt, device=device)
+    model, _cfg, meta = load_checked_for_inference(ckpt, device=device)  # resolved above
     fp = _weights_fingerprint(ckpt, [ckpt / "meta.json", ckpt / "config.yaml"])
     return ReferenceModel(
         model=model,

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 
+import pytest
 from _ckpt_util import baseline_run, config, losses, train_in_process
 
+from sigma_moe.model import checkpoint_format
 from sigma_moe.model.checkpoint_format import (
     META,
     checkpoint_problem,
@@ -98,3 +101,30 @@ def test_every_checkpoint_damaged_is_an_error_not_a_fresh_start(tmp_path):
     (ck / "step_00000004.tmp-123").mkdir()  # an interrupted save is not a candidate
     with pytest.raises(FileNotFoundError, match=r"no loadable checkpoint under .*every candidate"):
         resolve_checkpoint(ck)
+
+
+def test_inference_load_hashes_each_file_once_and_refuses_damage(tmp_path, monkeypatch):
+    """`load_model_for_inference` checks the manifest once (each file's sha256, ~1.5 s per GB):
+    before, `resolve_checkpoint` ran twice (here and in `read_model_checkpoint`). A damaged file
+    is still refused, naming it."""
+    src = baseline_run() / "checkpoints" / "step_00000007"
+    hashed: Counter[str] = Counter()
+    real = checkpoint_format.file_sha256
+
+    def counting(f):
+        hashed[f.name] += 1
+        return real(f)
+
+    monkeypatch.setattr(checkpoint_format, "file_sha256", counting)
+    model, cfg, meta = load_model_for_inference(src)
+    assert meta["step"] == 7 and cfg["train"]["max_steps"] == 7
+    assert set(hashed) == set(meta["checksums"]) and set(hashed.values()) == {1}
+    bad = tmp_path / src.name
+    shutil.copytree(src, bad)
+    with open(bad / "mp_rank_00_model_states.pt", "r+b") as f:
+        f.seek(100)
+        f.write(b"\xff" * 8)
+    with pytest.raises(
+        FileNotFoundError, match="mp_rank_00_model_states.pt does not match its sha256"
+    ):
+        load_model_for_inference(bad)
