@@ -1,5 +1,9 @@
-"""The training loop: thin on purpose. Logging, eval, checkpoints and the Rho-1 scorer are
-callbacks (`sigma_moe.train.callbacks`); this file only turns samples into optimizer steps.
+"""The training loop: thin on purpose. Logging, eval and checkpoints are callbacks
+(`sigma_moe.train.callbacks`); what a batch is trained on is the `Objective` and which samples a
+step reads the `Sampler` (`hooks.py`, `sampling.py`; Rho-1 and the online mixers implement
+them); this file only turns samples into optimizer steps. The `Trainer` takes the `train`
+section and the `LoopFacts` of the others; `run_training` (with `loop_facts`) is its builder,
+the only code here that reads the whole run config.
 
 Loss normalisation: every micro-batch's summed token loss is divided by the number of trained-on
 tokens of the WHOLE global batch (known before the forward: loss masks and the Rho-1 selection
