@@ -18,6 +18,7 @@ from sigma_moe.model.checkpoint_format import (
     resolve_checkpoint,
 )
 from sigma_moe.model.inference import load_model_for_inference
+from sigma_moe.rho1.reference import load_reference
 
 
 def test_checkpoint_contents():
@@ -104,9 +105,9 @@ def test_every_checkpoint_damaged_is_an_error_not_a_fresh_start(tmp_path):
 
 
 def test_inference_load_hashes_each_file_once_and_refuses_damage(tmp_path, monkeypatch):
-    """`load_model_for_inference` checks the manifest once (each file's sha256, ~1.5 s per GB):
-    before, `resolve_checkpoint` ran twice (here and in `read_model_checkpoint`). A damaged file
-    is still refused, naming it."""
+    """`load_model_for_inference` and the Rho-1 reference loader check the manifest once (each
+    file's sha256, ~1.5 s per GB): before, `resolve_checkpoint` ran twice (three times for the
+    reference). A damaged file is still refused, naming it."""
     src = baseline_run() / "checkpoints" / "step_00000007"
     hashed: Counter[str] = Counter()
     real = checkpoint_format.file_sha256
@@ -118,6 +119,9 @@ def test_inference_load_hashes_each_file_once_and_refuses_damage(tmp_path, monke
     monkeypatch.setattr(checkpoint_format, "file_sha256", counting)
     model, cfg, meta = load_model_for_inference(src)
     assert meta["step"] == 7 and cfg["train"]["max_steps"] == 7
+    assert set(hashed) == set(meta["checksums"]) and set(hashed.values()) == {1}
+    hashed.clear()  # the Rho-1 reference loader resolves first (tokenizer check): it hashed 3x
+    assert load_reference(src).path == str(src)
     assert set(hashed) == set(meta["checksums"]) and set(hashed.values()) == {1}
     bad = tmp_path / src.name
     shutil.copytree(src, bad)
