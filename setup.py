@@ -1,8 +1,10 @@
 """Installs the `sigma-moe` distribution: packages `sigma_moe` and `sigma_moe_kernels`.
 
-`sigma_moe_kernels` lives in the folder `kernels/` (package_dir) so no top-level import package
-is named `kernels` -- that name belongs to Hugging Face's `kernels` library, which transformers
-imports.
+The kernels' folder is named `sigma_moe_kernels/`, not `kernels/`: `kernels` is Hugging Face's
+kernels library, and transformers imports it when it can find it. With a folder `kernels/` at the
+repo root (on sys.path under `python -m` and pytest), transformers imported our folder a second
+time as `kernels`, which re-defined every custom op and made torch free the first definitions,
+still in use: the native crashes of CI on 2026-12-01 (tests/test_kernels_import.py).
 """
 
 from pathlib import Path
@@ -28,7 +30,6 @@ setup(
     description="Pretraining very sparse fine-grained MoE language models with Rho-1 token selection",
     python_requires=">=3.10",
     packages=find_packages(include=["sigma_moe", "sigma_moe.*"]) + ["sigma_moe_kernels"],
-    package_dir={"sigma_moe_kernels": "kernels"},
     package_data={"sigma_moe": ["data/bundled/*", "data/bundled/**/*"]},
     include_package_data=True,
     install_requires=_requirements(),

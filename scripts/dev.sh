@@ -25,12 +25,6 @@ case "$cmd" in
   test)
     # TRITON_INTERPRET must be set before triton is first imported (megatron-core imports it).
     export TRITON_INTERPRET=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-    # glibc's default malloc for the suite's one long pytest process (sigma_moe/_malloc.py is
-    # for training runs; tests/test_malloc.py turns it on in its own subprocess): a fresh-clone
-    # run on 2026-12-01 with it on died by a segfault inside an in-process training (grouped
-    # SwiGLU forward) that did not reproduce alone; earlier runs without it had similar rare
-    # native crashes (bad_alloc, SIGABRT). Cause not found.
-    export SIGMA_MOE_MALLOPT=${SIGMA_MOE_MALLOPT:-0}
     exec "$VENV/bin/python" -m pytest -m "not gpu" "$@" ;;
   *) echo "usage: scripts/dev.sh {demo|test|install} [args]" >&2; exit 2 ;;
 esac

@@ -20,12 +20,8 @@ PY=${PYTHON:-python3}
 if [ -x "$REPO/.venv/bin/python" ] && [ -z "${PYTHON:-}" ] && [ "$DRY" = 1 ]; then
   PY="$REPO/.venv/bin/python"
 fi
-# sigma_moe_kernels is the folder kernels/ (installed by setup.py's package_dir); without an
-# install, a link makes it importable
-LINK=$(mktemp -d)
-trap 'rm -rf "$LINK"' EXIT
-ln -s "$REPO/kernels" "$LINK/sigma_moe_kernels"
-export PYTHONPATH="$LINK:$REPO${PYTHONPATH:+:$PYTHONPATH}"
+# sigma_moe and sigma_moe_kernels are folders of the checkout: importable without an install
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export TRITON_DEFAULT_FP_FUSION=${TRITON_DEFAULT_FP_FUSION:-1}
 if [ "$DRY" = 1 ]; then export TRITON_INTERPRET=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}; fi
 status=0

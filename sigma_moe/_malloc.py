@@ -8,7 +8,7 @@ allocations then fault every page in again, and the kernel zeroes each one. Meas
 2-core VM (demo-cpu model, E=96, real batches, fp32, 2026-12-01): ~105,000 minor page faults
 and ~330 ms of system CPU time per ~900 ms training step. With the trim threshold at 1 GiB and
 the mmap threshold at its 32 MiB maximum (and the LM head's CE in chunks, whose temporaries stay
-under that threshold: kernels/linear_ce.py), 1 fault and ~0-8 ms of system time per step, and
+under that threshold: sigma_moe_kernels/linear_ce.py), 1 fault and ~0-8 ms of system time per step, and
 the step median 940 -> 740 ms (4 alternating fresh-process rounds each).
 
 The cost: RSS stays near the run's peak instead of shrinking between steps (a trainer's

@@ -36,7 +36,7 @@ def test_an_upward_import_breaks_the_contracts(tmp_path):
     # A copy of the packages with one import from train/ up into rho1/ (what the old loop did).
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(REPO / "sigma_moe", tmp_path / "sigma_moe", ignore=ignore)
-    shutil.copytree(REPO / "kernels", tmp_path / "sigma_moe_kernels", ignore=ignore)
+    shutil.copytree(REPO / "sigma_moe_kernels", tmp_path / "sigma_moe_kernels", ignore=ignore)
     loop = tmp_path / "sigma_moe" / "train" / "loop.py"
     loop.write_text(loop.read_text() + "\n\ndef _f():\n    from sigma_moe.rho1 import callback\n")
     r = _lint(tmp_path, pythonpath=tmp_path)

@@ -210,11 +210,6 @@ def hf_copy_of(model) -> torch.nn.Module:
     if mcfg.tie_embeddings:
         state.pop("lm_head.weight")
     hf.load_state_dict(state, strict=not mcfg.tie_embeddings)
-    # eager experts (the same math): torch._grouped_mm's CPU kernel, transformers' default, is
-    # the suspect of the native memory corruption that poisoned a whole pytest process twice on
-    # 2026-12-01 (a segfault, then UnicodeDecodeError from every later op call), both times
-    # starting in the test that trains this copy in-process; this copy is used only in-process
-    hf.set_experts_implementation("eager")
     return hf.train()
 
 
