@@ -242,7 +242,10 @@ def _launch(variant: str, experts: int, nproc: int, args, timeout: float) -> dic
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={nproc}", "-m", "sigma_moe.bench.train", *tail]  # fmt: skip
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    # here, not at the top: the parent of the bench workers never needs DeepSpeed imported (~4 s)
+    from sigma_moe.train.engine import child_env
+
+    env = child_env(TOKENIZERS_PARALLELISM="false")
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:

@@ -37,6 +37,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+DIST_ENV_KEYS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "LOCAL_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """This process's environment without its rendezvous, for a child that starts its own: an
+    in-process training leaves ``MASTER_PORT`` set (its process group still holds that port), and
+    a child that inherits it fails with EADDRINUSE (seen in tests/bench after a training test)."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV_KEYS}
+    env.update(extra)
+    return env
+
+
 def _init_process_group(backend: str, attempts: int = 5) -> None:
     """``deepspeed.init_distributed``; a port this process picked itself is picked again when
     another process took it first: CI saw two RegMix proxy workers, started together, fail with

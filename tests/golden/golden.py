@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from sigma_moe.train.engine import child_env
 
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).with_name("golden_losses.json")
@@ -40,17 +41,7 @@ COMMON = [
 def _env() -> dict[str, str]:
     # A rendezvous left in the environment by an in-process test (MASTER_PORT still held by the
     # pytest process) made the golden runs fail with EADDRINUSE in CI: start clean.
-    dist_keys = (
-        "RANK",
-        "LOCAL_RANK",
-        "WORLD_SIZE",
-        "LOCAL_WORLD_SIZE",
-        "MASTER_ADDR",
-        "MASTER_PORT",
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(dist_keys)}
-    env.update(OMP_NUM_THREADS="1", SIGMA_MOE_THREADS="1", PYTHON=sys.executable)
-    return env
+    return child_env(OMP_NUM_THREADS="1", SIGMA_MOE_THREADS="1", PYTHON=sys.executable)
 
 
 def _losses(run_dir: Path) -> list[float]:
