@@ -150,8 +150,12 @@ def test_ep2_edp2_four_processes_match_one_process(runs, tmp_path):
 
 
 def test_launcher_starts_two_processes(tmp_path):
+    from _dist import free_port
+
     out = tmp_path / "launched"
-    cmd = [str(REPO / "launch" / "pretrain.sh"), "--nproc", "2", str(CONFIG), "--out", str(out)]
+    port = str(free_port())
+    cmd = [str(REPO / "launch" / "pretrain.sh"), "--nproc", "2", "--master-port", port]
+    cmd += [str(CONFIG), "--out", str(out)]
     for o in overrides(2, 2, steps=2):
         cmd += ["--set", o]
     env = {**os.environ, "PYTHON": sys.executable}
@@ -164,6 +168,9 @@ def test_launcher_starts_two_processes(tmp_path):
     assert sorted(lines) == [1, 2]
     # Both EP ranks ran: each saved its own expert shard in the final checkpoint.
     assert_both_ep_ranks_saved(out / "checkpoints" / "step_00000002")
+    # DeepSpeed's shared-memory all-reduce workspaces of this run (one per rank) are not left
+    # in /dev/shm (they were: 69 MB of RAM a rank, until reboot)
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
 def test_ep2_zero2_bf16_trains_like_fp32(runs, tmp_path):
