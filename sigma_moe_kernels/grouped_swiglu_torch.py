@@ -238,10 +238,11 @@ def _bwd_torch(
 # (balanced) and 45 vs 40 ms with one expert holding a quarter of the tokens; the ranged bmm is
 # kept for shapes _grouped_mm refuses (strides or base addresses not multiples of 16 bytes,
 # float64).
-# Off by default: in a fresh-clone CI run (2026-12-01) the suite's in-process runs began failing
-# with `MemoryError: std::bad_alloc` inside this path and every later grouped_swiglu call in the
-# process failed too (132 failures), and it measured no faster than the ranged bmm at demo sizes
-# (T=2048, D=256, F=128, E=96, fwd+bwd: 34.7 ms vs 33.1 ms). SIGMA_MOE_GROUPED_MM=1 turns it on.
+# Off by default: it measured no faster than the ranged bmm at demo sizes (T=2048, D=256, F=128,
+# E=96, fwd+bwd: 34.7 ms vs 33.1 ms). (It was first turned off for a `std::bad_alloc` in a CI
+# run; that was the use after free of our custom ops, re-defined when transformers imported the
+# old `kernels/` folder a second time, not this path: docs/notes/2026-12-01-s3/ci-crash.md.)
+# SIGMA_MOE_GROUPED_MM=1 turns it on.
 _USE_GROUPED_MM = os.environ.get("SIGMA_MOE_GROUPED_MM", "0") == "1"
 
 
