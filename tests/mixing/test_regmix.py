@@ -76,16 +76,19 @@ def toy_counting(calls):
 @pytest.mark.slow
 def test_proxy_pool_trains_real_proxies_two_at_a_time(tmp_path):
     """The default train function: warm worker processes training proxies with this trainer."""
-    from sigma_moe.mixing.regmix import DEFAULT_PROXY_SETS, ProxyPool, _worker_ready
+    from sigma_moe.mixing.regmix import DEFAULT_PROXY_SETS, ProxyPool
 
     sets = [*DEFAULT_PROXY_SETS, "train.max_steps=6", "train.eval_every=6", "train.log_every=3"]
     sets.append("data.val_samples_per_domain=2")
     names = ["prose", "code", "math", "webnoise"]
     spec = SearchSpec("configs/test-tiny.yaml", names, [0.25] * 4, ["prose"], 3, 0, sets)
     with ProxyPool(spec, threads=1, parallel=2) as pool:
+        started = set(pool.pool._processes)  # the two workers ProxyPool started
         mixes, losses = run_proxies(spec, tmp_path, pool, parallel=2, progress=False)
-        pids = {pid for pid in pool.pool.map(_worker_ready, range(4))}
-    assert len(losses) == 3 and len(pids) == 2  # two long-lived workers served three proxies
+        after = set(pool.pool._processes)
+    # two long-lived workers served three proxies: none died, none was added (a probe with
+    # pool.map(_worker_ready, ...) was flaky: one idle worker can take all the tiny tasks)
+    assert len(losses) == 3 and len(started) == 2 and after == started
     for i, lv in enumerate(losses):
         assert set(lv) == set(names)
         assert all(4.0 < v < 9.5 for v in lv.values()), lv  # trained from ln(vocab) ≈ 9.0
