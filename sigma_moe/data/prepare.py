@@ -31,6 +31,7 @@ import numpy as np
 
 from sigma_moe.data.textio import check_output_folder, iter_documents, resolve_inputs
 from sigma_moe.data.tokenizer import BUNDLED_VOCAB_SIZE, Tokenizer, load_tokenizer
+from sigma_moe.fs import write_atomic
 
 META_FORMAT = "sigma-moe-prepared/1"
 _SCAN_LIMIT_BYTES = 256 << 20  # check token ids of .bin files up to this size
@@ -84,9 +85,7 @@ def _write_indexed(prefix: Path, docs_ids: list[np.ndarray], dtype) -> None:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _split_docs(n: int, val_fraction: float, seed: int) -> np.ndarray:

@@ -16,6 +16,8 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from sigma_moe.fs import write_atomic
+
 EOD_TOKEN = "<|endoftext|>"
 BUNDLED_TOKENIZER_PATH = Path(__file__).resolve().parent / "bundled" / "tokenizer.json"
 BUNDLED_VOCAB_SIZE = 8192
@@ -145,9 +147,7 @@ def _train(docs: Iterator[str], vocab_size: int, out_path: str | os.PathLike) ->
     tok.train_from_iterator(docs, trainer=trainer)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(tok.to_str(pretty=False), encoding="utf-8")
-    os.replace(tmp, out)
+    write_atomic(out, tok.to_str(pretty=False))
     return out
 
 

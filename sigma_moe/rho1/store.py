@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sigma_moe.fs import write_atomic
+
 META = "meta.json"
 FORMAT_VERSION = 1
 _DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -40,9 +42,7 @@ class StoreMetaError(ValueError):
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 class RefLossStore:

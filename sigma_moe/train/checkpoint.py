@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from sigma_moe import errors
+from sigma_moe.fs import fsync_dir, write_atomic
 from sigma_moe.model.checkpoint_format import (
     META,
     build_meta,
@@ -65,8 +66,8 @@ from sigma_moe.model.checkpoint_format import (
 )
 from sigma_moe.train import reshape
 from sigma_moe.train.collectives import agree_any, barrier, broadcast
-from sigma_moe.train.fs import fsync_dir, log, write_atomic
 from sigma_moe.train.hooks import Callback
+from sigma_moe.train.log import log
 
 # A second stop signal this soon after the first is the same request, forwarded again (see
 # Checkpointer._install_stop_handlers).
@@ -485,8 +486,7 @@ class Checkpointer(Callback):
             os.rename(final, old)
         os.rename(tmp, final)
         fsync_dir(self.root)
-        write_atomic(self.root / "latest", tag)
-        fsync_dir(self.root)
+        write_atomic(self.root / "latest", tag)  # fsyncs the folder too
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         self._prune(keep=final)

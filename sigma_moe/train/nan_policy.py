@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from sigma_moe import errors
 from sigma_moe.train.checkpoint import Checkpointer, NonFiniteWeights
-from sigma_moe.train.fs import log
 from sigma_moe.train.hooks import Callback
+from sigma_moe.train.log import log
 
 
 class NanGuard(Callback):

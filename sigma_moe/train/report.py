@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from sigma_moe.fs import write_atomic
 from sigma_moe.train.plots import PLOTS, WIDE, plot_run
 
 PAGE = "report.html"
@@ -106,7 +107,5 @@ def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     written = plot_run(run_dir)
     page = run_dir / PAGE
-    tmp = page.with_suffix(".html.tmp")
-    tmp.write_text(render(run_dir, written), encoding="utf-8")
-    tmp.replace(page)
+    write_atomic(page, render(run_dir, written))
     return page

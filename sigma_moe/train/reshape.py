@@ -43,6 +43,7 @@ import torch
 import yaml
 from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
+from sigma_moe.fs import fsync_dir
 from sigma_moe.model.checkpoint_format import (
     MAIN_STATES,
     META,
@@ -55,7 +56,7 @@ from sigma_moe.model.checkpoint_format import (
 )
 from sigma_moe.model.checkpoint_io import load_full_state_dict
 from sigma_moe.parallel.wiring import ep_rank_for
-from sigma_moe.train.fs import fsync_dir, log
+from sigma_moe.train.log import log
 
 OPTIM_KEYS = ("exp_avg", "exp_avg_sq")
 
