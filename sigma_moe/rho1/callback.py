@@ -44,6 +44,7 @@ from sigma_moe.rho1.selection import (
     token_weights,
     weight_sum,
 )
+from sigma_moe.train.collectives import agree_all
 from sigma_moe.train.hooks import Callback, Objective
 
 
@@ -155,11 +156,8 @@ class Rho1Callback(Callback, Objective):
             out = fn(*args)
         except ScorerError as e:
             err = e
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            ok = torch.tensor([0.0 if err else 1.0])
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-            if float(ok) == 0.0 and err is None:
-                err = ScorerError("the Rho-1 scorer failed on another rank (see its log)")
+        if not agree_all(err is None, device=self.world.device) and err is None:
+            err = ScorerError("the Rho-1 scorer failed on another rank (see its log)")
         if err is not None:
             raise err
         return out

@@ -1,5 +1,6 @@
-"""The "do all ranks agree" collectives of checkpointing (one place); each is a no-op without an
-initialised process group of more than one rank."""
+"""The "do all ranks agree" collectives (one place: checkpointing, the loop's non-finite check,
+the Rho-1 scorer's failures); each is a no-op without an initialised process group of more than
+one rank."""
 
 from __future__ import annotations
 
@@ -11,13 +12,33 @@ def _multi_rank() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def agree_any(flag: bool) -> bool:
-    """True on every rank if `flag` is True on any rank."""
+def _reduce_device() -> torch.device:
+    """Where a flag is reduced when the caller names no device: a pure NCCL group refuses CPU
+    tensors, gloo (and a "cuda:nccl,cpu:gloo" group) takes them."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _reduce_flag(flag: bool | torch.Tensor, op, device) -> bool:
     if not _multi_rank():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(flag)
+    if device is None:
+        device = flag.device if isinstance(flag, torch.Tensor) else _reduce_device()
+    t = torch.as_tensor(flag, dtype=torch.float32, device=device).reshape(1)
+    dist.all_reduce(t, op=op)
     return bool(t.item() > 0)
+
+
+def agree_any(flag: bool | torch.Tensor, device: torch.device | str | None = None) -> bool:
+    """True on every rank if `flag` is true on any rank. `flag` may be a one-element tensor
+    (reduced on its device, no host sync before the collective); `device` overrides where."""
+    return _reduce_flag(flag, dist.ReduceOp.MAX, device)
+
+
+def agree_all(flag: bool | torch.Tensor, device: torch.device | str | None = None) -> bool:
+    """True on every rank only if `flag` is true on every rank (arguments as `agree_any`)."""
+    return _reduce_flag(flag, dist.ReduceOp.MIN, device)
 
 
 def broadcast(obj):

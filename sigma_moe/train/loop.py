@@ -37,6 +37,7 @@ from sigma_moe.errors import ScorerFailure, TrainingStopped
 from sigma_moe.model import SigmaMoEForCausalLM
 from sigma_moe.parallel.wiring import ep_rank_for, wire_expert_parallel
 from sigma_moe.train.callbacks import Summary, default_callbacks
+from sigma_moe.train.collectives import agree_all
 from sigma_moe.train.domain_stats import domain_expert_counts
 from sigma_moe.train.engine import (
     World,
@@ -314,10 +315,9 @@ class Trainer:
             # DeepSpeed divides by accum and averages over dp: undo both so Σ over the global
             # batch / denom is what the optimiser sees.
             loss = lm_sum * (self.accum * self.dp / denom) + aux.to(lm_sum.dtype)
-            finite = torch.isfinite(loss.detach()).to(torch.float32)
-            if self.dp > 1:  # every rank must agree, or their gradient reductions diverge
-                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            finite = bool(finite)
+            # every rank must agree, or their gradient reductions diverge (reduced on the
+            # loss's device: one host sync, as before)
+            finite = agree_all(torch.isfinite(loss.detach()))
             sums.add_micro_step(out, b, ce_BS, valid_BS, w_BS, lm_sum, aux, finite, len(batches))
             if not finite:
                 # Never backpropagate a NaN/Inf: zero gradients keep DeepSpeed's micro-step
