@@ -39,12 +39,12 @@ from sigma_moe.config import load_config
 from sigma_moe.data.batch import IGNORE_INDEX, masked_labels
 from sigma_moe.data.dataset import build_val_datasets, collate
 from sigma_moe.data.tokenizer import BUNDLED_VOCAB_SIZE, load_tokenizer
+from sigma_moe.model.inference import load_model_for_inference
 from sigma_moe.rho1.reference import load_reference, score_batch
 from sigma_moe.rho1.score_cli import prefill
 from sigma_moe.rho1.selection import token_weights
 from sigma_moe.run import run_training
 from sigma_moe.train.callbacks import require_complete
-from sigma_moe.model.inference import load_model_for_inference
 
 from . import config_path
 

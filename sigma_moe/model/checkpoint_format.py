@@ -91,7 +91,17 @@ def code_version() -> str:
         )
         if out.returncode == 0 and out.stdout.strip():
             dirty = subprocess.run(
-                ["git", "-C", str(root), "diff", "--quiet", "HEAD", "--", "sigma_moe", "sigma_moe_kernels"],
+                [
+                    "git",
+                    "-C",
+                    str(root),
+                    "diff",
+                    "--quiet",
+                    "HEAD",
+                    "--",
+                    "sigma_moe",
+                    "sigma_moe_kernels",
+                ],
                 capture_output=True,
                 timeout=5,
             )
