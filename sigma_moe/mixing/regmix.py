@@ -51,6 +51,7 @@ from sigma_moe.config import config_from_dict, load_config, parse_overrides
 from sigma_moe.data.dataset import domain_token_counts
 from sigma_moe.train import loop
 from sigma_moe.train.callbacks import StageInterrupted
+from sigma_moe.train.engine import DIST_ENV_KEYS
 
 # A proxy: the base recipe shrunk to the test preset and 120 steps, plain causal LM (RegMix's
 # proxies; a Rho-1 recipe's selection would need its reference in every proxy). Measured here
@@ -181,6 +182,11 @@ def _die_with_parent() -> None:
 
 def _worker_init(threads: int) -> None:
     _die_with_parent()
+    # each proxy is a 1-process run with a rendezvous of its own: a MASTER_PORT inherited from
+    # the parent (held by the parent's process group after an in-process training, or the
+    # launcher's) made CI's proxies fail with EADDRINUSE
+    for k in DIST_ENV_KEYS:
+        os.environ.pop(k, None)
     torch.set_num_threads(threads)
     os.environ["WANDB_MODE"] = "disabled"
 

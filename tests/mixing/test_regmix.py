@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 
 import numpy as np
 import pytest
@@ -74,8 +75,15 @@ def toy_counting(calls):
 
 
 @pytest.mark.slow
-def test_proxy_pool_trains_real_proxies_two_at_a_time(tmp_path):
-    """The default train function: warm worker processes training proxies with this trainer."""
+def test_proxy_pool_trains_real_proxies_two_at_a_time(tmp_path, monkeypatch):
+    """The default train function: warm worker processes training proxies with this trainer.
+    The parent's rendezvous port is taken (as after an in-process training in CI's pytest
+    process): the proxies must not inherit it."""
+    held = socket.socket()
+    held.bind(("", 0))
+    held.listen()
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(held.getsockname()[1]))
     from sigma_moe.mixing.regmix import DEFAULT_PROXY_SETS, ProxyPool
 
     sets = [*DEFAULT_PROXY_SETS, "train.max_steps=6", "train.eval_every=6", "train.log_every=3"]
