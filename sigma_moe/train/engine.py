@@ -60,9 +60,9 @@ def child_env(**extra: str) -> dict[str, str]:
 
 def _init_process_group(backend: str, attempts: int = 5) -> None:
     """``deepspeed.init_distributed``; a port this process picked itself is picked again when
-    another process took it first: CI saw two RegMix proxy workers, started together, fail with
-    EADDRINUSE on ports from ``free_port()`` (a port is only free until someone binds it). A port
-    given in ``MASTER_PORT`` is the launcher's: its failure is raised at once."""
+    another process took it between ``free_port()`` and the bind (a port is only free until
+    someone binds it). A port given in ``MASTER_PORT`` is the launcher's: its failure is raised
+    at once. (CI's EADDRINUSE of 2026-12-01 was an inherited port instead: ``child_env``.)"""
     auto = "MASTER_PORT" not in os.environ
     for attempt in range(attempts):
         if auto:
