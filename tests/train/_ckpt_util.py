@@ -60,11 +60,10 @@ def evals(run_dir: Path) -> dict[int, float]:
 
 
 def subprocess_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled")
+    from sigma_moe.train.engine import child_env  # the rendezvous keys dropped in one place
+
+    env = child_env(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled")
     env.setdefault("SIGMA_MOE_CACHE", str(REPO / ".cache" / "test-data"))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
     return env
 
 

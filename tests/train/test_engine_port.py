@@ -10,7 +10,7 @@ CHILD = """
 import os, socket, sys
 import torch.distributed as dist
 import sigma_moe.train.engine as E
-for k in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE"):
+for k in E.DIST_ENV_KEYS:
     os.environ.pop(k, None)
 held = socket.socket()
 held.bind(("", 0))
