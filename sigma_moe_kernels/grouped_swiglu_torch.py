@@ -238,12 +238,12 @@ def _bwd_torch(
 # (balanced) and 45 vs 40 ms with one expert holding a quarter of the tokens; the ranged bmm is
 # kept for shapes _grouped_mm refuses (strides or base addresses not multiples of 16 bytes,
 # float64).
-# Off by default: it measured no faster than the ranged bmm at demo sizes (T=2048, D=256, F=128,
-# E=96, fwd+bwd: 34.7 ms vs 33.1 ms). (It was first turned off for a `std::bad_alloc` in a CI
-# run; that was the use after free of our custom ops, re-defined when transformers imported the
-# old `kernels/` folder a second time, not this path: docs/notes/2026-12-01-s3/ci-crash.md.)
-# SIGMA_MOE_GROUPED_MM=1 turns it on.
-_USE_GROUPED_MM = os.environ.get("SIGMA_MOE_GROUPED_MM", "0") == "1"
+# On by default since 2026-12-01 (s4): in whole demo-cpu training steps (E=96, real batches,
+# early-training imbalance), in-process alternating medians of 12 steps, quiet machine, it beat
+# the ranged bmm: 673 vs 736 ms and 662 vs 731 ms a step (two runs). (An earlier layer-only
+# timing on balanced routing had it level: 34.7 vs 33.1 ms fwd+bwd; the ranged bmm pays its
+# padding and host plan under imbalance.) SIGMA_MOE_GROUPED_MM=0 turns it off.
+_USE_GROUPED_MM = os.environ.get("SIGMA_MOE_GROUPED_MM", "1") == "1"
 
 
 def _gmm_ok(*ts: Tensor) -> bool:

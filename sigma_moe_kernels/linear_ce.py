@@ -1,25 +1,31 @@
 """linear_cross_entropy: LM head + per-token cross-entropy; above a logits-size budget in row
-chunks, never holding the full [T, V] logits (nor their fp32 copy, softmax or gradient) at once.
+chunks, so no temporary is ever the whole [T, V] logits (nor their softmax or gradient).
 
     loss_T = linear_cross_entropy(h_TD, w_VD, labels_T)   # fp32, 0 where labels == -100
 
 equals ``F.cross_entropy((h_TD @ w_VD.T).float(), labels_T, ignore_index=-100,
 reduction="none")`` (``K.reference.linear_cross_entropy``) up to float rounding, with autograd
 for ``h_TD`` and ``w_VD``. The loss stays per token (no reduction), so the caller may weight
-tokens after the forward (Rho-1 picks them from this very loss); that is why the backward
-recomputes each chunk's logits instead of computing the gradient in the forward as Liger's
-fused-linear-CE does (that needs the loss weights before the forward).
+tokens after the forward (Rho-1 picks them from this very loss): the gradient cannot be formed
+in the forward as Liger's fused-linear-CE does (that needs the loss weights first).
 
-Why chunks above 32 MB of logits: the chunked path bounds memory (one chunk's temporaries,
-16 MB at 512 rows of an 8k vocab; h, the per-token log-sum-exp and the labels saved) where the
-unchunked one holds the fp32 logits, their log-softmax and their gradient at once (3 x 64 MB at
-2048 tokens x 8192; 3 x 2.5 GB at 4096 x 151,936). On CPU it also keeps every temporary under
-glibc's largest mmap threshold (32 MiB): larger blocks are mmap'ed and unmapped at every free, so
-each step faults them in again (sigma_moe/_malloc.py; with both, a demo-cpu step at E=96 went
-from ~105,000 page faults and ~330 ms of system time to 1 fault, and its median from 940 to
-740 ms, 2026-12-01). Where the logits fit under 32 MB the unchunked path is as fast and simpler
-(no recompute GEMM): LM head + CE alone, 0.68x at load 6 and 0.9-1.1x at load ~1.5 chunked vs
-unchunked, in-process alternating, 2026-12-01.
+Three paths, by the size of the fp32 logits (T x V x 4 bytes):
+  * <= 32 MB: the unchunked reference (logits, log-softmax, gradient whole; simplest).
+  * <= 256 MB ("keep"): row chunks; each chunk's log-softmax is saved for the backward, which
+    needs only exp() of it. Three GEMMs in all, like the unchunked path, but every temporary is
+    one chunk (16 MB at 512 rows of an 8k vocab). Saved: T x V x 4 bytes, what the unchunked
+    path saves too.
+  * above ("recompute"): row chunks, only h, the labels and the per-token log-sum-exp saved;
+    the backward recomputes each chunk's logits (a fourth GEMM). Memory is one chunk's
+    temporaries, where the unchunked path would hold 3 x 2.5 GB at 4096 x 151,936.
+
+Why chunks at all where memory is no problem: on CPU every temporary stays under glibc's largest
+mmap threshold (32 MiB). Larger blocks are mmap'ed and unmapped at every free, so each step
+faults them in again (sigma_moe/_malloc.py; with both, a demo-cpu step at E=96 went from
+~105,000 page faults and ~330 ms of system time to 1 fault, 2026-12-01). Why "keep" at the CPU
+demo's 2048 x 8192 (64 MB): LM head + CE fwd+bwd, D=256, in-process alternating medians of 10,
+quiet 2-core machine, 2026-12-01 (s4): keep 266 ms, unchunked 302 ms, recompute 373 ms (the
+4th GEMM); the head's three GEMMs alone are ~234 ms at this machine's fp32 GEMM rate.
 """
 
 from __future__ import annotations
@@ -29,8 +35,11 @@ from torch import Tensor
 
 CHUNK_ROWS = 512  # 512 x 8192 fp32 = 16 MB per temporary
 # Up to this many bytes of fp32 logits the unchunked path runs (see "Why" above): glibc's largest
-# mmap threshold. 2048 tokens x 8192 vocab (the CPU demo) is 64 MB: chunked.
+# mmap threshold. 2048 tokens x 8192 vocab (the CPU demo) is 64 MB: chunked, "keep".
 UNCHUNKED_MAX_BYTES = 32 * 2**20
+# Up to this many bytes the chunks' log-softmax is saved (no recompute GEMM in the backward):
+# 8192 tokens x 8192 vocab; a 150k vocab recomputes from ~440 tokens up.
+KEEP_MAX_BYTES = 256 * 2**20
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -42,42 +51,54 @@ def _chunk_logits(h_cD: Tensor, w_VD: Tensor) -> Tensor:
 
 
 class _LinearCE(torch.autograd.Function):
+    """Row chunks; ``keep`` saves each chunk's fp32 log-softmax for the backward (3 GEMMs in
+    all, as the unchunked path), else the backward recomputes each chunk's logits (4 GEMMs)."""
+
     @staticmethod
-    def forward(ctx, h_TD: Tensor, w_VD: Tensor, labels_T: Tensor, chunk: int) -> Tensor:
+    def forward(ctx, h_TD: Tensor, w_VD: Tensor, labels_T: Tensor, chunk: int, keep: bool):
         T = h_TD.shape[0]
         loss_T = torch.empty(T, dtype=_acc(h_TD.dtype), device=h_TD.device)
         lse_T = torch.empty_like(loss_T)
         valid_T = labels_T != -100
         tgt_T1 = labels_T.clamp_min(0).unsqueeze(1)
+        kept = []
         for i in range(0, T, chunk):
             j = min(i + chunk, T)
             logits_cV = _chunk_logits(h_TD[i:j], w_VD)
+            if keep:  # one fused kernel; the chunk's log-probabilities are what backward needs
+                logp_cV = torch.log_softmax(logits_cV, dim=-1)
+                kept.append(logp_cV)
+                loss_T[i:j] = logp_cV.gather(1, tgt_T1[i:j]).squeeze(1).neg_() * valid_T[i:j]
+                continue
             lse = torch.logsumexp(logits_cV, dim=-1)
             lse_T[i:j] = lse
             loss_T[i:j] = (lse - logits_cV.gather(1, tgt_T1[i:j]).squeeze(1)) * valid_T[i:j]
-        ctx.save_for_backward(h_TD, w_VD, tgt_T1, valid_T, lse_T)
+        ctx.save_for_backward(h_TD, w_VD, tgt_T1, valid_T, lse_T, *kept)
         ctx.chunk = chunk
         return loss_T
 
     @staticmethod
     def backward(ctx, g_T: Tensor):
-        h_TD, w_VD, tgt_T1, valid_T, lse_T = ctx.saved_tensors
+        h_TD, w_VD, tgt_T1, valid_T, lse_T, *kept = ctx.saved_tensors
         chunk, T = ctx.chunk, h_TD.shape[0]
         # d loss_t / d logits_t = softmax_t - onehot(label_t), times the token's upstream grad
         scale_T1 = (g_T.to(lse_T.dtype) * valid_T).unsqueeze(1)
         dh_TD = torch.empty_like(h_TD) if ctx.needs_input_grad[0] else None
         # fp32 accumulator: bf16 partial sums over chunks would round at every chunk
         dw_VD = torch.zeros(w_VD.shape, dtype=lse_T.dtype, device=w_VD.device)
-        for i in range(0, T, chunk):
+        for n, i in enumerate(range(0, T, chunk)):
             j = min(i + chunk, T)
-            p_cV = _chunk_logits(h_TD[i:j], w_VD).sub_(lse_T[i:j, None]).exp_()
+            if kept:
+                p_cV = kept[n].exp()  # a new buffer: the saved one stays intact (retain_graph)
+            else:
+                p_cV = _chunk_logits(h_TD[i:j], w_VD).sub_(lse_T[i:j, None]).exp_()
             p_cV.scatter_add_(1, tgt_T1[i:j], torch.full_like(lse_T[i:j, None], -1.0))
             d_cV = p_cV.mul_(scale_T1[i:j]).to(h_TD.dtype)
             if dh_TD is not None:
                 torch.mm(d_cV, w_VD, out=dh_TD[i:j])
             dw_VD.addmm_(d_cV.t().to(dw_VD.dtype), h_TD[i:j].to(dw_VD.dtype))
         dw = dw_VD.to(w_VD.dtype) if ctx.needs_input_grad[1] else None
-        return dh_TD, dw, None, None
+        return dh_TD, dw, None, None, None
 
 
 def linear_cross_entropy_reference(h_TD: Tensor, w_VD: Tensor, labels_T: Tensor) -> Tensor:
@@ -89,12 +110,18 @@ def linear_cross_entropy_reference(h_TD: Tensor, w_VD: Tensor, labels_T: Tensor)
 
 
 def linear_cross_entropy(
-    h_TD: Tensor, w_VD: Tensor, labels_T: Tensor, chunk: int | None = None
+    h_TD: Tensor,
+    w_VD: Tensor,
+    labels_T: Tensor,
+    chunk: int | None = None,
+    keep: bool | None = None,
 ) -> Tensor:
     """Per-token fp32 CE of ``h_TD @ w_VD.T`` against ``labels_T`` (-100 = ignored, loss 0).
 
     ``chunk=None``: the unchunked path while the fp32 logits stay under UNCHUNKED_MAX_BYTES,
-    else chunks of CHUNK_ROWS rows; an int forces chunks of that many rows."""
+    else chunks of CHUNK_ROWS rows; an int forces chunks of that many rows. ``keep=None``:
+    save the chunks' log-softmax while the logits stay under KEEP_MAX_BYTES, else recompute
+    them in the backward; a bool forces either."""
     if h_TD.dim() != 2 or w_VD.dim() != 2 or h_TD.shape[1] != w_VD.shape[1]:
         raise ValueError(
             f"linear_cross_entropy: h_TD {tuple(h_TD.shape)} and w_VD {tuple(w_VD.shape)} "
@@ -117,4 +144,5 @@ def linear_cross_entropy(
         if h_TD.shape[0] * w_VD.shape[0] * 4 <= UNCHUNKED_MAX_BYTES:
             return linear_cross_entropy_reference(h_TD, w_VD, labels_T)
         chunk = CHUNK_ROWS
-    return _LinearCE.apply(h_TD, w_VD, labels_T, chunk)
+    keep = h_TD.shape[0] * w_VD.shape[0] * 4 <= KEEP_MAX_BYTES if keep is None else keep
+    return _LinearCE.apply(h_TD, w_VD, labels_T, chunk, keep)

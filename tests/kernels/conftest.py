@@ -1,6 +1,8 @@
 """Fixtures for the kernel tier: one `backend` parameter runs every test on each backend.
 
-* "torch"     -- always.
+* "torch"     -- always: torch._grouped_mm where it takes the operands (the default path).
+* "torch-bmm" -- always: the same backend with its ranged-bmm path forced (the path for
+                 operands _grouped_mm refuses, and with SIGMA_MOE_GROUPED_MM=0).
 * "interpret" -- the Triton kernels in Triton's interpreter; needs TRITON_INTERPRET=1 in the
                  environment before triton is first imported (the kernel CI command sets it for
                  the whole run), skipped otherwise.
@@ -14,8 +16,11 @@ import os
 import pytest
 import torch
 
+import sigma_moe_kernels.grouped_swiglu_torch as gst
+
 BACKENDS = [
     "torch",
+    "torch-bmm",
     "interpret",
     pytest.param("triton", marks=pytest.mark.gpu),
 ]
@@ -28,8 +33,11 @@ INTERPRET_SKIP = (
 
 
 @pytest.fixture(params=BACKENDS)
-def backend(request) -> str:
+def backend(request, monkeypatch) -> str:
     be = request.param
+    if be in ("torch", "torch-bmm"):
+        monkeypatch.setattr(gst, "_USE_GROUPED_MM", be == "torch")
+        return "torch"
     if be == "interpret" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip(INTERPRET_SKIP)
     if be == "triton" and not torch.cuda.is_available():

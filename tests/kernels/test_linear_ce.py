@@ -28,27 +28,39 @@ def _loss_and_grads(fn, h, w, labels, g, **kw):
     return loss, dh, dw
 
 
+@pytest.mark.parametrize("keep", [False, True], ids=["recompute", "keep"])
 @pytest.mark.parametrize(
     "T, D, V, chunk",
     [(37, 24, 50, 8), (64, 16, 33, 64), (5, 8, 7, 1), (130, 32, 300, 512), (96, 40, 129, 31)],
 )
-def test_matches_reference_loss_and_grads(T, D, V, chunk):
+def test_matches_reference_loss_and_grads(T, D, V, chunk, keep):
     h, w, labels, g = _case(T, D, V, seed=T + V)
     ref = _loss_and_grads(K.reference.linear_cross_entropy, h, w, labels, g)
-    got = _loss_and_grads(K.linear_cross_entropy, h, w, labels, g, chunk=chunk)
+    got = _loss_and_grads(K.linear_cross_entropy, h, w, labels, g, chunk=chunk, keep=keep)
     for name, a, b in zip(("loss", "d_h", "d_w"), got, ref):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=name)
     assert bool((got[0][labels == -100] == 0).all())  # ignored tokens: loss 0, no gradient
     assert got[0].dtype == torch.float32
 
 
-def test_gradcheck_float64():
+@pytest.mark.parametrize("keep", [False, True], ids=["recompute", "keep"])
+def test_gradcheck_float64(keep):
     h, w, labels, _ = _case(11, 6, 9, dtype=torch.float64, seed=3, ignore_every=4)
     h.requires_grad_()
     w.requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda a, b: K.linear_cross_entropy(a, b, labels, chunk=4), (h, w)
+        lambda a, b: K.linear_cross_entropy(a, b, labels, chunk=4, keep=keep), (h, w)
     )
+
+
+def test_keep_backward_twice_with_retain_graph():
+    """The kept log-softmax is not overwritten by the backward: a second one agrees."""
+    h, w, labels, g = _case(20, 8, 30, seed=5)
+    h.requires_grad_()
+    loss = (K.linear_cross_entropy(h, w, labels, chunk=8, keep=True) * g).sum()
+    (d1,) = torch.autograd.grad(loss, [h], retain_graph=True)
+    (d2,) = torch.autograd.grad(loss, [h])
+    assert torch.equal(d1, d2)
 
 
 def test_bf16_inputs_keep_fp32_loss():
@@ -105,8 +117,11 @@ def test_default_path_by_logits_size(monkeypatch):
     monkeypatch.setattr(lce, "UNCHUNKED_MAX_BYTES", 40 * 30 * 4 - 1)
     monkeypatch.setattr(lce, "CHUNK_ROWS", 16)
     orig = lce._LinearCE.apply
-    monkeypatch.setattr(lce._LinearCE, "apply", lambda *a: calls.append(a[-1]) or orig(*a))
+    monkeypatch.setattr(lce._LinearCE, "apply", lambda *a: calls.append(a[-2:]) or orig(*a))
     big = _loss_and_grads(K.linear_cross_entropy, h, w, labels, g)
-    assert calls == [16]
-    for a, b in zip(big, ref):
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    monkeypatch.setattr(lce, "KEEP_MAX_BYTES", 40 * 30 * 4 - 1)
+    huge = _loss_and_grads(K.linear_cross_entropy, h, w, labels, g)
+    assert calls == [(16, True), (16, False)]  # chunks; the log-softmax kept, then recomputed
+    for a, b, c in zip(big, huge, ref):
+        torch.testing.assert_close(a, c, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(b, c, atol=2e-5, rtol=1e-4)
