@@ -41,16 +41,32 @@ def main(argv: list[str] | None = None) -> int:
         help="only the interleaved throughput comparison (needs --reference); --steps per run",
     )
     ap.add_argument("--repeats", type=int, default=2, help="throughput: runs per variant")
+    ap.add_argument(
+        "--scorer-nice",
+        type=int,
+        nargs="*",
+        default=[],
+        help="throughput: also live-scorer runs with rho1.scorer_nice=N for each N",
+    )
     a = ap.parse_args(argv)
     if a.throughput_only:
         if a.reference is None:
             ap.error("--throughput-only needs --reference")
         t = measure_throughput(
-            a.out, a.reference, a.steps, a.repeats, a.noise_share, a.select_ratio, a.seed
+            a.out,
+            a.reference,
+            a.steps,
+            a.repeats,
+            a.noise_share,
+            a.select_ratio,
+            a.seed,
+            scorer_nice=a.scorer_nice,
         )
         for k, v in t["tokens_per_s"].items():
             print(f"{k:<12} {v:8.0f} tokens/s (steps)  {t['tokens_per_s_wall'][k]:8.0f} (wall)")
-        print(f"live / none {t['throughput_ratio_live_vs_none']:.3f}")
+        for k, v in t.items():
+            if k.startswith("throughput_ratio_live"):
+                print(f"{k[len('throughput_ratio_') :]:<24} {v:.3f}")
         return 0
     res = run_rho1_experiment(
         a.out,

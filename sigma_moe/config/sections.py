@@ -108,6 +108,8 @@ class Rho1Config:
     scorer_batch_size: int = 8
     scorer_max_restarts: int = 3
     scorer_timeout_s: float = 300.0
+    # Niceness added to the scorer side process (0-19; 0: the trainer's priority).
+    scorer_nice: int = 10
 
     def validate(self, key: str = "rho1") -> None:
         check(
@@ -130,6 +132,11 @@ class Rho1Config:
         check(self.scorer_batch_size >= 1, f"{key}.scorer_batch_size", "must be >= 1")
         check(self.scorer_max_restarts >= 0, f"{key}.scorer_max_restarts", "must be >= 0")
         check(self.scorer_timeout_s > 0, f"{key}.scorer_timeout_s", "must be > 0")
+        check(
+            0 <= self.scorer_nice <= 19,
+            f"{key}.scorer_nice",
+            f"must be in [0, 19], got {self.scorer_nice}",
+        )
 
 
 @dataclass

@@ -30,6 +30,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -442,10 +443,13 @@ def measure_throughput(
     noise_share: float = 0.5,
     select_ratio: float = 0.6,
     seed: int = 1234,
+    scorer_nice: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Whole-run tokens/s of mode=none vs excess with the live scorer vs excess from a prefilled
     store, interleaved (none, live, prefilled, none, …) so a shared machine's load drifts into
-    every variant alike. Writes ``out/rho1_throughput.json``."""
+    every variant alike. ``scorer_nice``: more live variants, ``live_scorer_nice<N>`` with
+    ``rho1.scorer_nice=N`` (``live_scorer`` keeps the recipe's). Writes
+    ``out/rho1_throughput.json``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     args = argparse.Namespace(
@@ -461,7 +465,8 @@ def measure_throughput(
     pre_store = out / "store-prefilled"
     variants = {
         "none": load_config(cfg_file, base + ["rho1.mode=none"]),
-        "live_scorer": None,  # a fresh store per repeat: the scorer must really keep pace
+        "live_scorer": [],  # a fresh store per repeat: the scorer must really keep pace
+        **{f"live_scorer_nice{n}": [f"rho1.scorer_nice={n}"] for n in scorer_nice},
         "prefilled": load_config(
             cfg_file, slm + ["rho1.scorer=prefilled", f"rho1.store={pre_store}"]
         ),
@@ -470,10 +475,9 @@ def measure_throughput(
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in variants}
     for r in range(repeats):
         for name, cfg in variants.items():
-            if name == "live_scorer":
-                cfg = load_config(
-                    cfg_file, slm + ["rho1.scorer=process", f"rho1.store={out / f'store-live{r}'}"]
-                )
+            if name.startswith("live_scorer"):
+                live = ["rho1.scorer=process", f"rho1.store={out / f'store-{name}-{r}'}"]
+                cfg = load_config(cfg_file, slm + live + cfg)
             res = _train(cfg, out / f"{name}-{r}", f"throughput {name} #{r}")
             runs[name].append(
                 {
@@ -506,6 +510,8 @@ def measure_throughput(
     res["throughput_ratio_live_vs_none"] = tp["live_scorer"] / tp["none"]
     res["throughput_ratio_prefilled_vs_none"] = tp["prefilled"] / tp["none"]
     res["throughput_ratio_live_vs_prefilled"] = tp["live_scorer"] / tp["prefilled"]
+    for n in scorer_nice:
+        res[f"throughput_ratio_live_nice{n}_vs_none"] = tp[f"live_scorer_nice{n}"] / tp["none"]
     (out / "rho1_throughput.json").write_text(json.dumps(res, indent=1, default=str))
     return res
 

@@ -225,6 +225,7 @@ class _ProcessMode(_Mode):
             dp=sup.dp,
             ranks=sup.ranks,
             device=sup.device,
+            nice=sup.nice,
             crash_after_rows=fault.get("crash_after_rows") if first else None,
             hang_after_rows=fault.get("hang_after_rows") if first else None,
         )
@@ -421,6 +422,7 @@ class ScorerSupervisor:
         self.batch_size = int(r.scorer_batch_size)
         self.max_restarts = int(r.scorer_max_restarts)
         self.timeout_s = float(r.scorer_timeout_s)
+        self.nice = int(r.scorer_nice)
         # Start-up (imports, dataset, loading the reference) gets at least 2 minutes.
         self.startup_timeout_s = float(startup_timeout_s or max(self.timeout_s, 120.0))
         self.num_threads = int(num_threads)

@@ -43,6 +43,7 @@ class WorkerArgs:
     dp: int
     ranks: list[int] | None
     device: str = "cpu"
+    nice: int = 0  # added to the process's niceness at start (rho1.scorer_nice)
     crash_after_rows: int | None = None  # fault injection (tests)
     hang_after_rows: int | None = None  # fault injection (tests)
 
@@ -65,6 +66,8 @@ def run_worker(args: WorkerArgs, pos, written, heartbeat, ready, stop, errq, pla
     what = "reading the run config"
     try:
         torch.set_num_threads(max(1, args.num_threads))
+        if args.nice:
+            os.nice(args.nice)
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         cfg = as_run_config(args.cfg_dict)
         tok = load_tokenizer(cfg.data.tokenizer)

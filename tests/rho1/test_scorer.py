@@ -1,3 +1,4 @@
+import os
 import time
 
 import pytest
@@ -62,13 +63,16 @@ def test_process_crash_restart_same_losses(hf_reference, ds, tmp_path):
     inline = ScorerSupervisor(_cfg(hf_reference, scorer="inline"), tmp_path / "a", dataset=ds)
     with inline:
         want = _train_like(inline, ds)
-    cfg = _cfg(hf_reference, scorer="process", scorer_max_restarts=2)
+    cfg = _cfg(hf_reference, scorer="process", scorer_max_restarts=2, scorer_nice=7)
     sup = ScorerSupervisor(cfg, tmp_path / "b", dataset=ds, fault_injection={"crash_after_rows": 8})
     t0 = time.monotonic()
     with sup:
         got = _train_like(sup, ds)
         assert sup.restarts >= 1  # (2 if a loaded machine also trips the no-progress timeout)
         assert sup.wait_s_total > 0
+        # the restarted side process runs at rho1.scorer_nice below the trainer too
+        mine = os.getpriority(os.PRIO_PROCESS, 0)
+        assert os.getpriority(os.PRIO_PROCESS, sup._proc.pid) == min(mine + 7, 19)
     assert time.monotonic() - t0 < 600  # bounded: never a hang
     assert torch.equal(got, want)  # bit-identical rows after a crash + resume from the store
 
