@@ -56,11 +56,14 @@ class SwiGLUFFN(nn.Module):
 
 
 class KernelMoE(nn.Module):
-    """The MoE layer as the kernels compose it (fp32 router, top-k softmax gate, no renorm)."""
+    """The MoE layer as the kernels compose it (fp32 router, top-k softmax gate, no renorm).
 
-    def __init__(self, d: int, f: int, e: int, k: int, backend: str = "auto"):
+    ``skew`` > 0: the first ``skew`` of the tokens are routed to expert 0 (their router logit
+    for it raised by 30), the imbalance of early training."""
+
+    def __init__(self, d: int, f: int, e: int, k: int, backend: str = "auto", skew: float = 0.0):
         super().__init__()
-        self.k, self.e, self.backend = k, e, backend
+        self.k, self.e, self.backend, self.skew = k, e, backend, skew
         self.router = nn.Linear(d, e, bias=False)
         self.w_gate = nn.Parameter(torch.randn(e, d, f) * 0.02)
         self.w_up = nn.Parameter(torch.randn(e, d, f) * 0.02)
@@ -70,6 +73,10 @@ class KernelMoE(nn.Module):
     def forward(self, x_TD):
         be = self.backend
         logits = self.router(x_TD.float())
+        if self.skew > 0:
+            bias = torch.zeros_like(logits)
+            bias[: int(self.skew * x_TD.shape[0]), 0] = 30.0
+            logits = logits + bias
         w, experts, counts, prob_sum = K.topk_route(logits, self.k, backend=be)
         x_sorted, row_map = K.permute(x_TD, experts, backend=be)
         y_sorted = K.grouped_swiglu(
@@ -168,12 +175,18 @@ def _step(layer, x, g):
         out.backward(g)
 
 
-def _case(T, D, F_, E, k, dev, reps, peak, with_peers=True) -> list[dict]:
+def _case(T, D, F_, E, k, dev, reps, peak, with_peers=True, skew=0.25) -> list[dict]:
     torch.manual_seed(0)
+    ours = f"ours ({'triton' if dev.type == 'cuda' else 'torch'} backend)"
     layers: dict[str, nn.Module] = {
         f"dense SwiGLU FFN (hidden {k * F_})": SwiGLUFFN(D, k * F_),
-        f"ours ({'triton' if dev.type == 'cuda' else 'torch'} backend)": KernelMoE(D, F_, E, k),
+        ours: KernelMoE(D, F_, E, k),
     }
+    if skew > 0:  # the same weights, one expert holding `skew` of the tokens
+        layers[f"{ours}, expert 0 holds {skew:.0%} of tokens"] = KernelMoE(D, F_, E, k, skew=skew)
+        layers[f"{ours}, expert 0 holds {skew:.0%} of tokens"].load_state_dict(
+            layers[ours].state_dict()
+        )
     notes: dict[str, str] = {}
     if with_peers:
         try:
@@ -212,6 +225,7 @@ def _case(T, D, F_, E, k, dev, reps, peak, with_peers=True) -> list[dict]:
             "median_ms": r["median_ms"],
             "min_ms": r["min_ms"],
             "x_dense_time": r["median_ms"] / res[dense_name]["median_ms"],
+            "x_balanced_time": r["median_ms"] / res[ours]["median_ms"] if "holds" in n else None,
             "gflops": rate / 1e9,
             "frac_of_gemm": rate / peak,
             "peak_mb": mem[n] / 2**20,
@@ -233,6 +247,7 @@ COLUMNS = [
     ("median_ms", "median ms"),
     ("min_ms", "min ms"),
     ("x_dense_time", "time / dense"),
+    ("x_balanced_time", "time / ours balanced"),
     ("gflops", "useful GFLOP/s"),
     ("frac_of_gemm", "fraction of dense GEMM rate"),
     ("peak_mb", "peak act+temp MB"),
@@ -241,7 +256,7 @@ COLUMNS = [
 ]
 
 
-def run(quick=False, repeats=None, device=None, topk=(1, 8), peers=True) -> dict:
+def run(quick=False, repeats=None, device=None, topk=(1, 8), peers=True, skew=0.25) -> dict:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     T, D, F_, E = (1024, 256, 128, 96) if quick else (4096, 512, 256, 96)
     reps = repeats or (3 if quick else 7)
@@ -249,7 +264,7 @@ def run(quick=False, repeats=None, device=None, topk=(1, 8), peers=True) -> dict
     peak = gemm_flops(dev, m=T, k=D, n=D)
     rows = []
     for k in topk:
-        rows += _case(T, D, F_, E, k, dev, reps if k == 1 else max(3, reps // 2), peak, peers)
+        rows += _case(T, D, F_, E, k, dev, reps if k == 1 else max(3, reps // 2), peak, peers, skew)
     info["loadavg_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return {"machine": info, "gemm_flops_per_s": peak, "rows": rows}
 
@@ -268,10 +283,18 @@ def main(argv: list[str] | None = None) -> int:
         "--topk", type=int, nargs="+", default=[1, 8], help="top-k cases to run (default 1 8)"
     )
     ap.add_argument("--no-peers", action="store_true", help="skip DeepSpeed and transformers")
+    ap.add_argument(
+        "--skew",
+        type=float,
+        default=0.25,
+        help="also ours with expert 0 holding this share of the tokens (0: skip; default 0.25)",
+    )
     args = ap.parse_args(argv)
+    if not 0 <= args.skew < 1:
+        ap.error(f"--skew must be in [0, 1), got {args.skew}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = run(args.quick, args.repeats, args.device, tuple(args.topk), not args.no_peers)
+    out = run(args.quick, args.repeats, args.device, tuple(args.topk), not args.no_peers, args.skew)
     print(describe_machine(out["machine"]))
     print(f"dense GEMM rate measured in this run: {out['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s\n")
     print(markdown_table(out["rows"], COLUMNS))
