@@ -8,6 +8,9 @@ neighbour slows them alike; the table gives the median over rounds):
   hf            transformers' Qwen3MoeForCausalLM of the same size (sigma_moe.export.hf maps our
                 config), plain PyTorch loop, fused AdamW, clipping, its fastest experts
                 implementation (`--hf-experts`, default grouped_mm)
+  hf-ourenv     hf with sigma-moe's process settings (sigma_moe/_threads.py OpenMP waits,
+                sigma_moe/_malloc.py); every other peer runs with torch's own defaults (libgomp's
+                wait policy, glibc's malloc), as a transformers user's script would
   hf-ds0/hf-ds1 the same model through deepspeed.initialize, ZeRO-0 / ZeRO-1
   autoep        the same model through DeepSpeed AutoEP (`expert_parallel`, preset qwen3_moe,
                 its optimizer in the ds_config), EP = the process count
@@ -37,7 +40,11 @@ from sigma_moe.bench.common import describe_machine, machine_info, markdown_tabl
 from sigma_moe.data.batch import masked_labels
 
 REPO = Path(__file__).resolve().parents[2]
-PEERS = ("hf", "hf-ds0", "hf-ds1", "autoep")
+PEERS = ("hf", "hf-ourenv", "hf-ds0", "hf-ds1", "autoep")
+# What a peer's process gets unless it is hf-ourenv: libgomp's default spin count with no wait
+# policy (exactly its built-in default; _threads.py leaves both alone when one is set) and
+# glibc's own malloc thresholds.
+TORCH_DEFAULT_ENV = {"GOMP_SPINCOUNT": "300000", "SIGMA_MOE_MALLOPT": "0"}
 
 
 def _recipe(experts: int, steps: int, quick: bool, ep_size: int):
@@ -219,7 +226,8 @@ def _worker(args) -> int:
     if args.worker == "ours":
         res = _worker_ours(cfg, Path(args.out).parent / "run", args.warmup)
     else:
-        res = _worker_peer(cfg, args.worker, args.steps, args.warmup, args.hf_experts)
+        variant = "hf" if args.worker == "hf-ourenv" else args.worker
+        res = _worker_peer(cfg, variant, args.steps, args.warmup, args.hf_experts)
     res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     res["tokens_per_step"] = cfg.train.global_batch_size * cfg.data.seq_len
     rank = int(os.environ.get("RANK", "0"))
@@ -246,6 +254,8 @@ def _launch(variant: str, experts: int, nproc: int, args, timeout: float) -> dic
     from sigma_moe.train.engine import child_env
 
     env = child_env(TOKENIZERS_PARALLELISM="false")
+    if variant not in ("ours", "hf-ourenv"):
+        env = {k: v for k, v in env.items() if k != "OMP_WAIT_POLICY"} | TORCH_DEFAULT_ENV
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
