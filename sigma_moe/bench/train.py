@@ -47,7 +47,9 @@ PEERS = ("hf", "hf-ourenv", "hf-ds0", "hf-ds1", "autoep")
 TORCH_DEFAULT_ENV = {"GOMP_SPINCOUNT": "300000", "SIGMA_MOE_MALLOPT": "0"}
 
 
-def _recipe(experts: int, steps: int, quick: bool, ep_size: int):
+def _recipe(experts: int, steps: int, quick: bool, ep_size: int, procs: int = 1):
+    """The recipe every variant trains; on ``procs`` processes each takes 1/procs of the
+    global batch in one micro-batch (the same global batch as one process, no accumulation)."""
     from sigma_moe.config import load_config
 
     path = REPO / "configs" / ("test-tiny.yaml" if quick else "demo-cpu.yaml")
@@ -65,6 +67,9 @@ def _recipe(experts: int, steps: int, quick: bool, ep_size: int):
         "data.val_samples_per_domain=2",
         f"parallel.ep_size={ep_size}",
     ]
+    if procs > 1:
+        G = load_config(path, []).train.global_batch_size
+        sets.append(f"train.micro_batch_size={G // procs}")
     return load_config(path, sets)
 
 
@@ -221,8 +226,8 @@ def hf_copy_of(model) -> torch.nn.Module:
 
 
 def _worker(args) -> int:
-    experts, nproc = args.experts[0], args.nproc[0]  # one of each per worker
-    cfg = _recipe(experts, args.steps, args.quick, nproc if args.worker == "ours" else 1)
+    experts, nproc = args.experts[0], args.world or args.nproc[0]  # one of each per worker
+    cfg = _recipe(experts, args.steps, args.quick, nproc if args.worker == "ours" else 1, nproc)
     if args.worker == "ours":
         res = _worker_ours(cfg, Path(args.out).parent / "run", args.warmup)
     else:
@@ -241,7 +246,8 @@ def _worker(args) -> int:
 def _launch(variant: str, experts: int, nproc: int, args, timeout: float) -> dict:
     out = Path(tempfile.mkdtemp(prefix="bench-train-")) / "res.json"
     tail = [
-        "--worker", variant, "--experts", str(experts), "--nproc", str(nproc),
+        # (--world, not --nproc: torchrun's own parser takes "--nproc" as an abbreviation)
+        "--worker", variant, "--experts", str(experts), "--world", str(nproc),
         "--steps", str(args.steps), "--warmup", str(args.warmup), "--out", str(out),
         "--hf-experts", args.hf_experts,
     ] + (["--quick"] if args.quick else [])  # fmt: skip
@@ -359,6 +365,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--quick", action="store_true", help="test-tiny sizes, 3 steps, 1 repeat")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--world", type=int, help=argparse.SUPPRESS)
     return ap
 
 
