@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -244,7 +245,16 @@ def _worker(args) -> int:
 # driver
 # ---------------------------------------------------------------------------------------------
 def _launch(variant: str, experts: int, nproc: int, args, timeout: float) -> dict:
-    out = Path(tempfile.mkdtemp(prefix="bench-train-")) / "res.json"
+    # each run's folder (its run dir holds a final checkpoint: ~0.8 GB at E=96) goes when its
+    # results are read; left behind, a full `bench train` filled the disk (2026-12-01)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    try:
+        return _launch_in(tmp / "res.json", variant, experts, nproc, args, timeout)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _launch_in(out: Path, variant: str, experts: int, nproc: int, args, timeout: float) -> dict:
     tail = [
         # (--world, not --nproc: torchrun's own parser takes "--nproc" as an abbreviation)
         "--worker", variant, "--experts", str(experts), "--world", str(nproc),
