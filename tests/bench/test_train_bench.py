@@ -43,9 +43,24 @@ class _Capture:
         self.ds, self.sampler = trainer.train_ds, trainer.sampler
 
 
-def test_same_math_as_transformers_for_20_steps(tmp_path):
+# (lr, bound on |ours - theirs| for steps 1-4 and for all 20, least loss drop). Both runs
+# agree bitwise at step 1; the rounding differences of the two implementations' backward passes
+# then grow through Adam (its first updates are ~lr * sign(grad), so a gradient element near 0
+# whose sign differs in the last bit moves its weight by a whole lr) and the growth scales with
+# lr (measured 2026-12-01 s4, max over 20 steps: lr 3e-4 1.5e-4; 1e-3 2.7e-3; the recipe's 3e-3
+# 6.8e-3 -- also 3.6e-3 with top-8 of 8 experts, so not routing flips). The issue's 1e-3 over
+# 20 steps holds at lr 3e-4; at the recipe's lr the test keeps the looser bound it measured.
+SAME_MATH = [
+    pytest.param(3e-4, 1e-5, 1e-3, 0.05, id="lr3e-4-within-1e-3"),
+    pytest.param(None, 1e-4, 2e-2, 0.3, id="recipe-lr"),
+]
+
+
+@pytest.mark.parametrize("lr, bound4, bound20, drop", SAME_MATH)
+def test_same_math_as_transformers_for_20_steps(tmp_path, lr, bound4, bound20, drop):
     """From identical initial weights (ours copied into Qwen3MoeForCausalLM) and identical
-    batches, fp32: our trainer's per-step losses stay within 1e-3 of the transformers loop's."""
+    batches, fp32: our trainer's per-step losses stay within `bound20` of the transformers
+    loop's over 20 steps (1e-3, the issue's bound, at lr 3e-4)."""
     import torch
 
     from sigma_moe.config import load_config
@@ -62,6 +77,7 @@ def test_same_math_as_transformers_for_20_steps(tmp_path):
             "model.lb_coeff=0.0",  # transformers' balance loss is another formula
             "model.z_loss_coeff=0.0",
             "model.topk_schedule=[]",
+            *([f"train.lr={lr}"] if lr else []),
         ],
     )
     cap = _Capture()
@@ -79,10 +95,7 @@ def test_same_math_as_transformers_for_20_steps(tmp_path):
     _, theirs = bench_train.train_peer(cfg, cap.hf, opt, cap.ds, cap.sampler, 20)
     assert len(ours) == len(theirs) == 20
     diffs = [abs(a - b) for a, b in zip(ours, theirs)]
-    # The first steps agree to float rounding; later, rounding differences between the two
-    # implementations' GEMMs grow through Adam (whose first updates are ~lr * sign(grad)) and
-    # top-1 routing. Measured here: |diff| < 1e-4 for steps 1-4, max 6.8e-3 over 20 steps
-    # (the issue's 1e-3 over 20 steps is not met; see docs/benchmarks/train-2026-12-01.md).
-    assert max(diffs[:4]) < 1e-4, list(zip(ours, theirs))
-    assert max(diffs) < 2e-2, list(zip(ours, theirs))
-    assert ours[-1] < ours[0] - 0.3  # it trained: not a comparison of two frozen models
+    assert diffs[0] < 1e-6, (ours[0], theirs[0])  # the same forward (bitwise on this machine)
+    assert max(diffs[:4]) < bound4, list(zip(ours, theirs))
+    assert max(diffs) < bound20, list(zip(ours, theirs))
+    assert ours[-1] < ours[0] - drop  # it trained: not a comparison of two frozen models
