@@ -140,9 +140,10 @@ def linear_cross_entropy(
             f"linear_cross_entropy: labels must be -100 or in [0, {w_VD.shape[0]}), got "
             f"{labels_T[bad][:4].tolist()}"
         )
+    logits_bytes = h_TD.shape[0] * w_VD.shape[0] * 4  # fp32
     if chunk is None:
-        if h_TD.shape[0] * w_VD.shape[0] * 4 <= UNCHUNKED_MAX_BYTES:
+        if logits_bytes <= UNCHUNKED_MAX_BYTES:
             return linear_cross_entropy_reference(h_TD, w_VD, labels_T)
         chunk = CHUNK_ROWS
-    keep = h_TD.shape[0] * w_VD.shape[0] * 4 <= KEEP_MAX_BYTES if keep is None else keep
+    keep = logits_bytes <= KEEP_MAX_BYTES if keep is None else keep
     return _LinearCE.apply(h_TD, w_VD, labels_T, chunk, keep)
