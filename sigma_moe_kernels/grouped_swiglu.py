@@ -15,7 +15,8 @@ fake kernels for tracing, autograd, argument checks) and the reference; the impl
 the per-expert loop kept only for the benchmark is in ``sigma_moe/bench/swiglu_loop.py``.
 
 Backends
-* torch: one host sync (``tokens_per_expert.tolist()``), then ``torch._grouped_mm`` where it
+* torch: one host sync (``tokens_per_expert.tolist()``), then MKL's grouped batch GEMM for fp32
+  (``_mkl_batch.py``: experts spread over the threads), else ``torch._grouped_mm`` where it
   accepts the operands, else "ranged bmm": contiguous ranges of experts, each padded to its own
   largest expert, one ``torch.bmm`` per GEMM per range, written into preallocated outputs
   (``out=``); manual backward.  See the comment above ``_plan`` in ``grouped_swiglu_torch.py``

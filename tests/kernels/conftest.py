@@ -1,6 +1,8 @@
 """Fixtures for the kernel tier: one `backend` parameter runs every test on each backend.
 
-* "torch"     -- always: torch._grouped_mm where it takes the operands (the default path).
+* "torch"     -- always: MKL's grouped batch GEMM (fp32, where torch's MKL exports it), else
+                 torch._grouped_mm where it takes the operands (the default path).
+* "torch-gmm" -- always: the same backend with the MKL batch off (torch._grouped_mm).
 * "torch-bmm" -- always: the same backend with its ranged-bmm path forced (the path for
                  operands _grouped_mm refuses, and with SIGMA_MOE_GROUPED_MM=0).
 * "interpret" -- the Triton kernels in Triton's interpreter; needs TRITON_INTERPRET=1 in the
@@ -20,6 +22,7 @@ import sigma_moe_kernels.grouped_swiglu_torch as gst
 
 BACKENDS = [
     "torch",
+    "torch-gmm",
     "torch-bmm",
     "interpret",
     pytest.param("triton", marks=pytest.mark.gpu),
@@ -35,8 +38,9 @@ INTERPRET_SKIP = (
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch) -> str:
     be = request.param
-    if be in ("torch", "torch-bmm"):
-        monkeypatch.setattr(gst, "_USE_GROUPED_MM", be == "torch")
+    if be in ("torch", "torch-gmm", "torch-bmm"):
+        monkeypatch.setattr(gst, "_USE_MKL_BATCH", be == "torch")
+        monkeypatch.setattr(gst, "_USE_GROUPED_MM", be != "torch-bmm")
         return "torch"
     if be == "interpret" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip(INTERPRET_SKIP)
