@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import sigma_moe_kernels as K
+from sigma_moe_kernels import _mkl_batch
 from sigma_moe_kernels.grouped_swiglu_torch import _plan
 
 
@@ -165,6 +166,30 @@ def test_plan_pads_little_and_covers_every_expert():
     skew[3] = 4096
     plan, P = _plan(skew, 48, 512)
     assert P == 4096
+
+
+@pytest.mark.skipif(not _mkl_batch.available(), reason="torch's MKL lacks cblas_sgemm_batch")
+def test_mkl_batch_splits_large_experts_into_exact_pieces():
+    counts = [0, 5, 1031, 0, 0, 7, 300]
+    g = _mkl_batch.Groups(counts)
+    offs = [0]
+    for c in counts:
+        offs.append(offs[-1] + c)
+    for e, c in enumerate(counts):  # each expert's rows covered once, in order
+        starts, ms = g.r_start[g.r_e == e], g.r_m[g.r_e == e]
+        assert int(ms.sum()) == c and (c == 0 or int(starts[0]) == offs[e])
+        assert all(starts[1:] == starts[:-1] + ms[:-1])
+    assert (g.r_e == 2).sum() > 1 and (g.w_parts > 1).any()  # the 1031-row expert is split
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(offs[-1], 48, generator=gen), torch.randn(offs[-1], 40, generator=gen)
+    b = torch.randn(7, 48, 40, generator=gen)
+    out = torch.full((offs[-1], 40), float("nan"))
+    g.rows_mm((x, b, out))
+    (dw,) = g.weights_mm((x, y))
+    for e in range(7):
+        rows = slice(offs[e], offs[e + 1])
+        torch.testing.assert_close(out[rows], x[rows] @ b[e])
+        torch.testing.assert_close(dw[e], x[rows].t() @ y[rows], atol=1e-4, rtol=1e-5)
 
 
 def test_weight_grads_allocated_empty_and_fully_written(backend, device, poison_empty):
