@@ -30,6 +30,8 @@ _P = ctypes.c_void_p
 
 @functools.cache
 def _sgemm_batch():
+    if not torch.backends.mkl.is_available():
+        return None
     try:
         lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
         fn = lib.cblas_sgemm_batch
@@ -41,11 +43,25 @@ def _sgemm_batch():
 
 
 def available() -> bool:
-    return torch.backends.mkl.is_available() and _sgemm_batch() is not None
+    return _sgemm_batch() is not None
 
 
 def _fp32_cpu(*ts: Tensor) -> bool:
     return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in ts)
+
+
+def _i32(v, g: int) -> np.ndarray:
+    return np.broadcast_to(np.asarray(v, dtype=np.int32), (g,))
+
+
+def _pieces(lengths: np.ndarray, parts: np.ndarray):
+    """Cut each length L_i into parts_i nearly equal pieces: (i, offset, size) per piece."""
+    owner = np.repeat(np.arange(len(lengths)), parts)
+    j = np.arange(len(owner)) - np.repeat(np.cumsum(parts) - parts, parts)
+    length = lengths[owner]
+    size = -(-length // parts[owner])
+    lo = np.minimum(j * size, length)
+    return owner, lo, np.minimum(size, length - lo)
 
 
 class Groups:
@@ -59,35 +75,30 @@ class Groups:
     def __init__(self, counts: list[int]):
         c = np.asarray(counts, dtype=np.int64)
         self.E = len(counts)
-        nz = np.flatnonzero(c)
-        self.nz = nz
+        self.nz = np.flatnonzero(c)  # the experts with rows; MKL gets only these
+        self.m, self.start = c[self.nz], (np.cumsum(c) - c)[self.nz]
         share = max(64, -(-int(c.sum()) // (2 * torch.get_num_threads())))
-        parts = -(-c[nz] // share)  # pieces per non-empty expert (1 unless it is large)
-        # row GEMMs: expert e's rows cut into `parts` nearly equal pieces
-        self.r_e = np.repeat(nz, parts)
-        j = np.arange(len(self.r_e)) - np.repeat(np.cumsum(parts) - parts, parts)
-        size = -(-c[self.r_e] // np.repeat(parts, parts))
-        lo = np.minimum(j * size, c[self.r_e])
-        self.r_start = (np.cumsum(c) - c)[self.r_e] + lo
-        self.r_m = np.minimum(size, c[self.r_e] - lo)
-        # weight GEMMs: whole experts, their output rows cut into `parts` pieces at call time
-        self.w_e, self.w_parts = nz, parts
-        self.w_start, self.w_m = (np.cumsum(c) - c)[nz], c[nz]
+        self.parts = -(-self.m // share)  # pieces per non-empty expert (1 unless it is large)
+        # row GEMMs: each expert's rows cut into `parts` pieces (output rows: at call time)
+        i, lo, self.r_m = _pieces(self.m, self.parts)
+        self.r_e, self.r_start = self.nz[i], self.start[i] + lo
+        # runs [e0, e1) of empty experts, whose weight gradients are zero-filled
+        empty = np.concatenate([[False], c == 0, [False]]).astype(np.int8)
+        edges = np.flatnonzero(np.diff(empty))
+        self.empty_runs = list(zip(edges[::2].tolist(), edges[1::2].tolist()))
 
     @staticmethod
     def _call(*specs) -> None:
         """One MKL call for every product of every spec (ta, tb, m, n, k, a, lda, b, ldb,
         beta, c, ldc): products of one spec must not write the same output elements twice."""
         cols = []
-        for spec in specs:
-            g = len(spec[5])  # the A pointers
-            i32 = lambda v, g=g: np.broadcast_to(np.asarray(v, dtype=np.int32), (g,))  # noqa: E731
-            ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc = spec
+        for ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc in specs:
+            g = len(a)
             cols.append([
-                i32(ta), i32(tb), i32(m), i32(n), i32(k), np.ones(g, dtype=np.float32),
-                np.asarray(a, dtype=np.uint64), i32(lda), np.asarray(b, dtype=np.uint64),
-                i32(ldb), np.full(g, beta, dtype=np.float32), np.asarray(c, dtype=np.uint64),
-                i32(ldc),
+                _i32(ta, g), _i32(tb, g), _i32(m, g), _i32(n, g), _i32(k, g),
+                np.ones(g, dtype=np.float32), np.asarray(a, dtype=np.uint64), _i32(lda, g),
+                np.asarray(b, dtype=np.uint64), _i32(ldb, g), np.full(g, beta, dtype=np.float32),
+                np.asarray(c, dtype=np.uint64), _i32(ldc, g),
             ])  # fmt: skip
         arrs = [np.ascontiguousarray(np.concatenate(parts)) for parts in zip(*cols)]
         g = len(arrs[0])
@@ -114,29 +125,12 @@ class Groups:
         of e @ b[e]; b may be a transposed view. The outs must be distinct tensors."""
         self._call(*[self._rows_spec(a, b, out, beta) for a, b, out in abouts])
 
-    def _zeroed_empty(self, out_EKn: Tensor) -> None:
-        # zero runs of empty experts one slice per run (one fill per expert costs ~85 us each)
-        empty = np.ones(self.E, dtype=bool)
-        empty[self.nz] = False
-        e = 0
-        while e < self.E:
-            e1 = e
-            while e1 < self.E and empty[e1]:
-                e1 += 1
-            if e1 > e:
-                out_EKn[e:e1].zero_()
-            e = e1 + 1
-
     def _weights_spec(self, a_NK: Tensor, b_Nn: Tensor, out: Tensor):
         assert _fp32_cpu(a_NK, b_Nn) and a_NK.stride(1) == 1 and b_Nn.stride(1) == 1
         K, n = a_NK.shape[1], b_Nn.shape[1]
-        parts = np.minimum(self.w_parts, max(1, K // 16))
-        e = np.repeat(self.w_e, parts)
-        j = np.arange(len(e)) - np.repeat(np.cumsum(parts) - parts, parts)
-        size = -(-K // np.repeat(parts, parts))
-        k0 = np.minimum(j * size, K)
-        kk = np.minimum(size, K - k0)
-        start, m = np.repeat(self.w_start, parts), np.repeat(self.w_m, parts)
+        parts = np.minimum(self.parts, max(1, K // 16))
+        i, k0, kk = _pieces(np.full(len(self.nz), K), parts)
+        e, start, m = self.nz[i], self.start[i], self.m[i]
         a = a_NK.data_ptr() + (start * a_NK.stride(0) + k0) * 4
         b = b_Nn.data_ptr() + start * b_Nn.stride(0) * 4
         c = out.data_ptr() + (e * K * n + k0 * n) * 4
@@ -146,7 +140,8 @@ class Groups:
         """For each (a_NK, b_Nn), in one MKL call: [E, K, n], expert e's a rows transposed @
         its b rows; zeros for empty experts."""
         outs = [a.new_empty(self.E, a.shape[1], b.shape[1]) for a, b in pairs]
-        for out in outs:
-            self._zeroed_empty(out)
+        for out in outs:  # one slice per run: one fill per empty expert costs ~85 us each
+            for e0, e1 in self.empty_runs:
+                out[e0:e1].zero_()
         self._call(*[self._weights_spec(a, b, out) for (a, b), out in zip(pairs, outs)])
         return outs

@@ -179,7 +179,8 @@ def test_mkl_batch_splits_large_experts_into_exact_pieces():
         starts, ms = g.r_start[g.r_e == e], g.r_m[g.r_e == e]
         assert int(ms.sum()) == c and (c == 0 or int(starts[0]) == offs[e])
         assert all(starts[1:] == starts[:-1] + ms[:-1])
-    assert (g.r_e == 2).sum() > 1 and (g.w_parts > 1).any()  # the 1031-row expert is split
+    assert (g.r_e == 2).sum() > 1 and (g.parts > 1).any()  # the 1031-row expert is split
+    assert g.empty_runs == [(0, 1), (3, 5)]
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(offs[-1], 48, generator=gen), torch.randn(offs[-1], 40, generator=gen)
     b = torch.randn(7, 48, 40, generator=gen)
