@@ -47,6 +47,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import PolynomialFeatures
 from tqdm.auto import tqdm
 
+from sigma_moe import _threads
 from sigma_moe.config import config_from_dict, load_config, parse_overrides
 from sigma_moe.data.dataset import domain_token_counts
 from sigma_moe.train import loop
@@ -142,7 +143,10 @@ class ProxyPool:
         self.base = load_config(spec.config, spec.proxy_sets).to_dict()
         ctx = multiprocessing.get_context("spawn")
         saved = os.environ.get("OMP_NUM_THREADS")
+        saved_wait = {k: os.environ.get(k) for k in _threads.SHORT}
         os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by the spawned workers
+        if threads * max(1, parallel) > _threads.cores() and _threads.user_set() is None:
+            os.environ.update(_threads.SHORT)  # siblings share the cores: no long spins
         try:
             self.pool = ProcessPoolExecutor(
                 max(1, parallel), ctx, initializer=_worker_init, initargs=(threads,)
@@ -150,10 +154,11 @@ class ProxyPool:
             # start the workers now, inside the environment above
             list(self.pool.map(_worker_ready, range(max(1, parallel))))
         finally:
-            if saved is None:
-                os.environ.pop("OMP_NUM_THREADS", None)
-            else:
-                os.environ["OMP_NUM_THREADS"] = saved
+            for k, v in {"OMP_NUM_THREADS": saved, **saved_wait}.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
     def __call__(self, mix: np.ndarray, i: int, folder: Path) -> dict[str, float]:
         cfg = copy.deepcopy(self.base)

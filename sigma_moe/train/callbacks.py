@@ -15,6 +15,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from sigma_moe.config import save_config
 from sigma_moe.errors import StageInterrupted
 from sigma_moe.train.checkpoint import Checkpointer, RunFacts
@@ -176,6 +178,8 @@ class Summary(Callback):
             "tokens_per_s_median": statistics.median(self.tps) if self.tps else None,
             "expert_load_max_final": self.loads[-1] if self.loads else None,
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "threads": torch.get_num_threads(),
+            "omp_wait": omp_wait_setting(),
         }
         if hist:
             summary["first_eval"], summary["last_eval"] = hist[0], hist[-1]
@@ -191,6 +195,17 @@ class Summary(Callback):
             plot_run(self.out_dir)
         except Exception as e:  # a missing plot must never fail a finished run
             print(f"[plots] skipped: {e}", file=sys.stderr)
+
+
+def omp_wait_setting() -> str:
+    """How this process's OpenMP threads wait (sigma_moe/_threads.py's choice, or the user's)."""
+    mode = os.environ.get("SIGMA_MOE_OMP_WAIT")
+    if mode == "spin":
+        return "spin (libgomp default: the cores were free at start)"
+    pol, n = os.environ.get("OMP_WAIT_POLICY"), os.environ.get("GOMP_SPINCOUNT")
+    if mode == "short":
+        return f"short (OMP_WAIT_POLICY={pol} GOMP_SPINCOUNT={n}: the cores were busy at start)"
+    return f"as set: OMP_WAIT_POLICY={pol} GOMP_SPINCOUNT={n}"
 
 
 def _stop_line(s: dict[str, Any]) -> str | None:
@@ -234,6 +249,8 @@ def format_summary(s: dict[str, Any]) -> str:
             f"expert load max/mean    {s['expert_load_max_final']:.2f} (1.00 = perfectly balanced)"
         )
     lines.append(f"peak memory (RSS)       {s['peak_rss_gib']:.2f} GiB")
+    if s.get("omp_wait"):
+        lines.append(f"threads / OpenMP wait   {s['threads']} / {s['omp_wait']}")
     return "\n".join(lines)
 
 

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from sigma_moe.config import load_config
 from sigma_moe.train.loop import run_training
@@ -63,6 +64,9 @@ def test_metrics_contract(tiny_run):
     assert all(0 < r["mfu"] < 1 and r["grad_norm"] > 0 for r in train)
     assert {"val_loss/prose", "val_loss/webnoise", "clean_val_loss"} <= set(evals[0])
     assert (out / "config.yaml").is_file() and (out / "summary.json").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["threads"] == torch.get_num_threads() >= 1
+    assert summary["omp_wait"].split()[0] in ("spin", "short", "as")  # sigma_moe/_threads.py
     assert (out / "plots" / "loss.png").is_file()
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000020"
 
