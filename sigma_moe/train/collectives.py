@@ -41,6 +41,28 @@ def agree_all(flag: bool | torch.Tensor, device: torch.device | str | None = Non
     return _reduce_flag(flag, dist.ReduceOp.MIN, device)
 
 
+def all_reduce_(t: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum ``t`` over the group in place, on a device the backend takes: a CPU tensor (the
+    loop's float64 sums) travels through the GPU under a pure NCCL group, which refuses CPU
+    tensors ("No backend type associated with device type cpu")."""
+    dev = _reduce_device()
+    if t.device == dev:
+        dist.all_reduce(t, group=group)
+        return t
+    moved = t.to(dev)
+    dist.all_reduce(moved, group=group)
+    return t.copy_(moved)
+
+
+def all_gather(t: torch.Tensor, group=None) -> list[torch.Tensor]:
+    """Every rank's ``t`` (same shape everywhere), on ``t``'s device; moved as ``all_reduce_``."""
+    dev = _reduce_device()
+    moved = t.to(dev)
+    out = [torch.empty_like(moved) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, moved, group=group)
+    return [o.to(t.device) for o in out]
+
+
 def broadcast(obj):
     """Rank 0's `obj` on every rank."""
     if not _multi_rank():

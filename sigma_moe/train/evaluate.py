@@ -9,13 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from sigma_moe.config import apply_overrides, config_from_dict
 from sigma_moe.data.batch import block_causal_mask, masked_labels
 from sigma_moe.data.dataset import build_val_datasets, collate
 from sigma_moe.data.tokenizer import load_tokenizer
 from sigma_moe.model.inference import load_model_for_inference
+from sigma_moe.train.collectives import all_reduce_
 
 
 @torch.no_grad()
@@ -52,7 +52,7 @@ def domain_val_losses(
                 dtype=torch.float64,
             )
         if dp > 1:
-            dist.all_reduce(tot)
+            all_reduce_(tot)
         out[name] = float(tot[0] / max(float(tot[1]), 1.0))
     model.train(was_training)
     return out

@@ -26,7 +26,6 @@ from typing import Any
 import deepspeed
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from sigma_moe.config import RunConfig, TopkPhase, TrainConfig, save_config
@@ -37,7 +36,7 @@ from sigma_moe.errors import ScorerFailure, TrainingStopped
 from sigma_moe.model import SigmaMoEForCausalLM
 from sigma_moe.parallel.wiring import ep_rank_for, wire_expert_parallel
 from sigma_moe.train.callbacks import Summary, default_callbacks
-from sigma_moe.train.collectives import agree_all
+from sigma_moe.train.collectives import agree_all, all_gather, all_reduce_
 from sigma_moe.train.domain_stats import domain_expert_counts
 from sigma_moe.train.engine import (
     World,
@@ -150,13 +149,13 @@ class StepSums:
             [self.lm, self.ce_all, self.n_valid, self.aux, self.weight, self.nonfinite],
             dtype=torch.float64,
         )
-        dist.all_reduce(packed)
+        all_reduce_(packed)
         self.lm, self.ce_all, self.n_valid, self.aux, self.weight, self.nonfinite = packed.tolist()
-        dist.all_reduce(self.domain_expert_LKE)
+        all_reduce_(self.domain_expert_LKE)
         packed_dom = self.domain_losses.packed()
-        dist.all_reduce(packed_dom)
+        all_reduce_(packed_dom)
         self.domain_losses = DomainLosses.unpack(packed_dom, self.domain_losses.has_ref)
-        dist.all_reduce(self.entropy_L)
+        all_reduce_(self.entropy_L)
         self.entropy_L /= dp
 
 
@@ -246,9 +245,7 @@ class Trainer:
             [float((b["loss_mask"] > 0).sum()) for b in batches], dtype=torch.float64
         )
         if self.dp > 1:
-            gathered = [torch.zeros_like(n_local) for _ in range(self.dp)]
-            dist.all_gather(gathered, n_local)
-            n_all = torch.stack(gathered)  # [dp, accum]
+            n_all = torch.stack(all_gather(n_local))  # [dp, accum]
         else:
             n_all = n_local[None]
         return float(self.objective.weight_sum(n_all))
@@ -379,8 +376,7 @@ class Trainer:
             if ps:
                 sq[i] = get_total_norm([p.grad for p in ps], foreach=True).float().square()
         if self.dp > 1:
-            e = sq[1:].clone()
-            dist.all_reduce(e)
+            e = all_reduce_(sq[1:].clone())
             sq[1] = e[0] / (self.dp // self.facts.ep_size)
         total = sq.sum().sqrt()
         if self.train_cfg.grad_clip > 0:
