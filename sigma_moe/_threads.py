@@ -53,10 +53,9 @@ def _int_env(env, name: str, default: int) -> int:
         return default
 
 
-def user_set() -> str | None:
-    """The wait setting already in the environment (the user's, or a parent's "short"), if any."""
-    got = [f"{k}={os.environ[k]}" for k in SHORT if k in os.environ]
-    return " ".join(got) or None
+def user_set() -> bool:
+    """Whether a wait setting is already in the environment (the user's, or a parent's "short")."""
+    return any(k in os.environ for k in SHORT)
 
 
 def runnable_others(samples: int = 4, gap_s: float = 0.005) -> int | None:
@@ -78,16 +77,17 @@ def choose(env: dict[str, str] | os._Environ = os.environ) -> str:
     """'spin' (libgomp's default) when this node's training threads fit beside what is running
     now, else 'short' (PASSIVE + 1,000 spins)."""
     cores_ = cores()
-    threads = _int_env(env, "OMP_NUM_THREADS", cores_)
-    ranks = _int_env(env, "LOCAL_WORLD_SIZE", 1)
+    need = _int_env(env, "OMP_NUM_THREADS", cores_) * _int_env(env, "LOCAL_WORLD_SIZE", 1)
+    if need > cores_:
+        return "short"  # oversubscribed by this node's own ranks: no need to look further
     others = runnable_others()
     if others is None:
         return "short"  # cannot tell: the setting that never collapses
-    return "spin" if threads * ranks + others <= cores_ else "short"
+    return "spin" if need + others <= cores_ else "short"
 
 
 def apply() -> None:
-    if user_set() is not None:
+    if user_set():
         os.environ.pop("SIGMA_MOE_OMP_WAIT", None)  # a parent's record, not this process's choice
         return
     mode = choose()  # every process anew: a child may run beside its siblings (EP ranks)

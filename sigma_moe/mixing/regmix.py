@@ -145,7 +145,7 @@ class ProxyPool:
         saved = os.environ.get("OMP_NUM_THREADS")
         saved_wait = {k: os.environ.get(k) for k in _threads.SHORT}
         os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by the spawned workers
-        if threads * max(1, parallel) > _threads.cores() and _threads.user_set() is None:
+        if threads * max(1, parallel) > _threads.cores() and not _threads.user_set():
             os.environ.update(_threads.SHORT)  # siblings share the cores: no long spins
         try:
             self.pool = ProcessPoolExecutor(
