@@ -71,6 +71,9 @@ def _recipe(experts: int, steps: int, quick: bool, ep_size: int, procs: int = 1)
     if procs > 1:
         G = load_config(path, []).train.global_batch_size
         sets.append(f"train.micro_batch_size={G // procs}")
+        # the AutoEP peer's stage (_ds_config: ZeRO-0), so both reduce gradients the same way
+        # and neither shards its optimizer
+        sets.append("parallel.zero_stage=0")
     return load_config(path, sets)
 
 

@@ -34,6 +34,7 @@ from sigma_moe.data.dataset import build_training_data, build_val_datasets, coll
 from sigma_moe.data.tokenizer import load_tokenizer
 from sigma_moe.errors import ScorerFailure, TrainingStopped
 from sigma_moe.model import SigmaMoEForCausalLM
+from sigma_moe.parallel.grad_sum import GradSum, can_sum_gradients
 from sigma_moe.parallel.wiring import ep_rank_for, wire_expert_parallel
 from sigma_moe.train.callbacks import Summary, default_callbacks
 from sigma_moe.train.collectives import agree_all, all_gather, all_reduce_
@@ -202,6 +203,7 @@ class Trainer:
         callbacks: list[Callback],
         sampler: Sampler | None = None,
         objective: Objective | None = None,
+        grad_sum: GradSum | None = None,
     ):
         self.train_cfg, self.facts, self.world = train, facts, world
         # Which samples each step reads (sigma_moe.train.sampling); the static blend by default.
@@ -213,6 +215,10 @@ class Trainer:
         self.state = TrainState()
         self.dp = world.world_size
         self.accum = facts.accum
+        # Who reduces the gradients over the ranks: DeepSpeed averages (the loss is scaled by
+        # dp to undo that), `grad_sum` sums (sigma_moe/parallel/grad_sum.py: the ZeRO-0 path).
+        self.grad_sum = grad_sum
+        self.loss_dp = 1 if grad_sum is not None else self.dp
         self.peak_flops = measure_peak_flops(world.device)
         self.stop_requested: str | None = None
         # What each batch is trained on (token weights, loss denominator); plain CLM by default.
@@ -309,9 +315,11 @@ class Trainer:
             w_BS, sums.objective_metrics = self.objective.token_weights(ce_BS, b, valid_BS)
             lm_sum = (ce_BS * w_BS).sum()
             aux = out.aux_losses["lb_loss"] + out.aux_losses["z_loss"]
-            # DeepSpeed divides by accum and averages over dp: undo both so Σ over the global
-            # batch / denom is what the optimiser sees.
-            loss = lm_sum * (self.accum * self.dp / denom) + aux.to(lm_sum.dtype)
+            # DeepSpeed divides by accum (and, unless `grad_sum` reduces, averages over dp): undo
+            # both so Σ over the global batch / denom is what the optimiser sees; aux is a
+            # per-rank mean, averaged over the ranks either way.
+            aux_scale = self.loss_dp / self.dp
+            loss = lm_sum * (self.accum * self.loss_dp / denom) + aux.to(lm_sum.dtype) * aux_scale
             # every rank must agree, or their gradient reductions diverge (reduced on the
             # loss's device: one host sync, as before)
             finite = agree_all(torch.isfinite(loss.detach()))
@@ -328,6 +336,8 @@ class Trainer:
                 for g in self.engine.optimizer.param_groups:
                     g["lr"] = 0.0
             self.engine.backward(loss)
+            if last and self.grad_sum is not None:
+                self.grad_sum()
             if last and self.facts.zero_stage == 0:
                 sums.grad_norm0 = self._clip_stage0()
             self.engine.step()
@@ -513,10 +523,11 @@ def _run_training(
     facts = loop_facts(cfg, world.world_size)
     ds_config = deepspeed_config(cfg.train, cfg.parallel, facts.accum)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    if world.world_size == 1 and cfg.parallel.zero_stage == 0:
+    grad_sum = GradSum(engine.module) if can_sum_gradients(engine) else None
+    if grad_sum is not None or (world.world_size == 1 and cfg.parallel.zero_stage == 0):
         # one process: nothing to all-reduce (DeepSpeed's bucketed all-reduce over the 1-process
         # gloo group cost ~7% of a ZeRO-0 demo-cpu step at E=96, profiled in
-        # docs/benchmarks/train-2026-12-01.md)
+        # docs/benchmarks/train-2026-12-01.md); ZeRO-0 on more: GradSum reduces instead
         engine.enable_backward_allreduce = False
     base_model = engine.module._orig_mod if hasattr(engine.module, "_orig_mod") else engine.module
     wire_expert_parallel(base_model, cfg.parallel.ep_size)
@@ -534,6 +545,7 @@ def _run_training(
         callbacks,
         sampler,
         objective,
+        grad_sum,
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     trainer.fit()

@@ -66,13 +66,18 @@ def _train(rank: int, world: int, out_dir: str, ov: list[str], resume: str, stop
 
 
 def train(
-    out_dir: Path, nproc: int, ep_size: int, resume: str = "none", stop_after: int | None = None
+    out_dir: Path,
+    nproc: int,
+    ep_size: int,
+    resume: str = "none",
+    stop_after: int | None = None,
+    extra: tuple[str, ...] = (),
 ) -> dict[int, dict]:
     run_distributed(
         _train,
         nproc,
         str(out_dir),
-        overrides(nproc, ep_size),
+        overrides(nproc, ep_size) + list(extra),
         resume,
         stop_after,
         init="none",
@@ -137,6 +142,23 @@ def test_ep2_resume_matches_uninterrupted(runs):
     d_all = max_delta(both, ep2, range(1, STEPS + 1))
     print(f"EP=2 save@5 -> load -> steps 6..10 vs uninterrupted: max|Δ loss| {d:.3e}")
     assert d_all <= 1e-7, d_all
+
+
+def test_ep2_zero0_sums_its_own_gradients_like_zero1(runs, tmp_path):
+    """ZeRO-0 on 2 processes reduces with sigma_moe/parallel/grad_sum.py, not DeepSpeed: the
+    same losses as the one-process run and as ZeRO-1 (DeepSpeed's reduction)."""
+    _, ref, ep2 = runs
+    zero0 = train(tmp_path / "ep2_zero0", 2, 2, extra=("parallel.zero_stage=0",))
+    steps = range(1, STEPS + 1)
+    for key in ("loss", "lm_loss", "aux_loss"):
+        d = max(max_delta(ref, zero0, steps, key), max_delta(ep2, zero0, steps, key))
+        print(f"EP=2 ZeRO-0 (GradSum) vs 1 process and ZeRO-1, max|Δ {key}|: {d:.3e}")
+        assert d <= TOL, (key, d)
+    # the norm: equal to the one-process run's (the same foreach norm; ZeRO-1's own norm is
+    # ~7e-5 off both, DeepSpeed sums its squares another way)
+    rel = max(abs(zero0[s]["grad_norm"] / ref[s]["grad_norm"] - 1) for s in steps)
+    print(f"EP=2 ZeRO-0 vs 1 process, max relative Δ grad_norm: {rel:.3e}")
+    assert rel <= 1e-5, rel
 
 
 def test_ep2_edp2_four_processes_match_one_process(runs, tmp_path):

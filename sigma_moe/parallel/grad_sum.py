@@ -1,0 +1,82 @@
+"""ZeRO-0 gradient reduction over the data-parallel ranks, written here instead of DeepSpeed's.
+
+DeepSpeed's ZeRO-0 path (`engine.buffered_allreduce_fallback`) flattens every gradient,
+all-reduces it, divides by the dense data-parallel size and copies it back, and it does so for
+the expert gradients too when each expert lives on one rank only (EP = world: the expert-data-
+parallel group has size 1), where the all-reduce moves nothing. At E=96, EP=2 on 2 CPU processes
+that copy-in / divide / copy-out of ~75 MB of expert gradients was 10.6% of rank 1's step
+(py-spy, docs/benchmarks/train-2026-12-02.md, seventh pass).
+
+`GradSum` instead *sums*: the loop scales each rank's loss by 1 / (the global batch), not by
+dp / (the global batch) as DeepSpeed's average needs, so a plain sum over the group is the
+gradient and nothing is divided. Dense gradients are summed over the data-parallel group (one
+flat buffer, as DeepSpeed does); an expert's gradients over its expert-data-parallel group only
+where that group has more than one rank. With dp a power of two the result is bitwise DeepSpeed's
+(scaling by 2^k commutes with rounding; tests/parallel/test_grad_sum.py checks it at dp = 2).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from deepspeed.moe.utils import is_moe_param
+from deepspeed.utils import groups
+from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+
+class GradSum:
+    """Sums the gradients of `module`'s trainable parameters over the ranks that share them;
+    call once per optimizer step, after the last micro-batch's backward. Needs DeepSpeed's
+    groups (after `deepspeed.initialize`)."""
+
+    def __init__(self, module: nn.Module):
+        dense: list[nn.Parameter] = []
+        experts: dict[str, list[nn.Parameter]] = {}
+        for p in module.parameters():
+            if not p.requires_grad or p.numel() == 0:
+                continue
+            if is_moe_param(p):
+                experts.setdefault(p.group_name, []).append(p)
+            else:
+                dense.append(p)
+        self.params = dense + [p for ps in experts.values() for p in ps]
+        self.buckets: list[tuple[list[nn.Parameter], object]] = []
+        if dense:
+            self.buckets.append((dense, groups._get_data_parallel_group()))
+        for name, ps in experts.items():
+            group = groups._get_expert_data_parallel_group(name)
+            if dist.get_world_size(group) > 1:
+                self.buckets.append((ps, group))
+
+    def __call__(self) -> None:
+        for p in self.params:
+            if p.grad is None:
+                # as DeepSpeed: every rank reduces the same sizes, and an expert that saw no
+                # token still gets its (zero-gradient) AdamW update
+                p.grad = torch.zeros_like(p)
+        for params, group in self.buckets:
+            grads = [p.grad for p in params]
+            flat = _flatten_dense_tensors(grads)
+            dist.all_reduce(flat, group=group)
+            for g, summed in zip(grads, _unflatten_dense_tensors(flat, grads)):
+                g.copy_(summed)
+
+
+def can_sum_gradients(engine) -> bool:
+    """Whether `GradSum` may replace `engine`'s ZeRO-0 reduction: fp32 gradients reduced in
+    fp32 with DeepSpeed's default averaging (no `prescale_gradients`, no
+    `gradient_predivide_factor`, no BF16_Optimizer's fp32 accumulation buffers), more than one
+    data-parallel rank. Otherwise DeepSpeed's own path stays."""
+    return (
+        engine.zero_optimization_stage() == 0
+        and dist.is_initialized()
+        and dist.get_world_size() > 1
+        and engine.gradient_average
+        and engine.postscale_gradients()
+        and engine.gradient_predivide_factor() == 1.0
+        and engine.communication_data_type == torch.float32
+        and not engine.bfloat16_enabled()
+        and not engine.fp16_enabled()
+        and not hasattr(engine.optimizer, "get_grads_for_reduction")
+    )
