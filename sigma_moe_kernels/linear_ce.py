@@ -10,7 +10,7 @@ tokens after the forward (Rho-1 picks them from this very loss): the gradient ca
 in the forward as Liger's fused-linear-CE does (that needs the loss weights first).
 
 Three paths, by the size of the fp32 logits (T x V x 4 bytes):
-  * <= 32 MB: the unchunked reference (logits, log-softmax, gradient whole; simplest).
+  * < 32 MiB: the unchunked reference (logits, log-softmax, gradient whole; simplest).
   * <= 256 MB ("keep"): row chunks; each chunk's log-softmax is saved for the backward, which
     needs only exp() of it. Three GEMMs in all, like the unchunked path, but every temporary is
     one chunk (16 MB at 512 rows of an 8k vocab). Saved: T x V x 4 bytes, what the unchunked
@@ -142,7 +142,10 @@ def linear_cross_entropy(
         )
     logits_bytes = h_TD.shape[0] * w_VD.shape[0] * 4  # fp32
     if chunk is None:
-        if logits_bytes <= UNCHUNKED_MAX_BYTES:
+        # "<": logits of exactly 32 MiB (1024 tokens x 8192, a demo-cpu micro-batch at EP=2)
+        # plus malloc's header are over the threshold, mmap'ed at every step; chunked, the LM
+        # head + CE fwd+bwd took 216 ms, not 233 ms (1 thread, D=256, medians of 12, 2026-12-02)
+        if logits_bytes < UNCHUNKED_MAX_BYTES:
             return linear_cross_entropy_reference(h_TD, w_VD, labels_T)
         chunk = CHUNK_ROWS
     keep = logits_bytes <= KEEP_MAX_BYTES if keep is None else keep

@@ -114,7 +114,7 @@ def test_default_path_by_logits_size(monkeypatch):
     for a, b in zip(small, ref):
         assert torch.equal(a, b)
     calls = []
-    monkeypatch.setattr(lce, "UNCHUNKED_MAX_BYTES", 40 * 30 * 4 - 1)
+    monkeypatch.setattr(lce, "UNCHUNKED_MAX_BYTES", 40 * 30 * 4)  # exactly the logits: chunked
     monkeypatch.setattr(lce, "CHUNK_ROWS", 16)
     orig = lce._LinearCE.apply
     monkeypatch.setattr(lce._LinearCE, "apply", lambda *a: calls.append(a[-2:]) or orig(*a))
