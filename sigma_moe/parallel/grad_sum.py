@@ -12,7 +12,8 @@ dp / (the global batch) as DeepSpeed's average needs, so a plain sum over the gr
 gradient and nothing is divided. Dense gradients are summed over the data-parallel group (one
 flat buffer, as DeepSpeed does); an expert's gradients over its expert-data-parallel group only
 where that group has more than one rank. With dp a power of two the result is bitwise DeepSpeed's
-(scaling by 2^k commutes with rounding; tests/parallel/test_grad_sum.py checks it at dp = 2).
+(scaling by 2^k commutes with rounding; tests/parallel/test_grad_sum.py checks it at dp = 2
+and 4).
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ def _engine(ep: int, ds_extra: dict | None = None):
 
 
 def _rank_grads(engine, rank: int) -> list[torch.Tensor]:
-    """Awkward per-rank gradients: different on every rank, one expert left without any."""
+    """Awkward per-rank gradients: different on every rank, of very different sizes."""
     gen = torch.Generator().manual_seed(1000 + rank)
     out = []
     for p in engine.module.parameters():
@@ -46,6 +46,7 @@ def _worker(rank: int, world: int, ep: int, out_dir: str) -> None:
     engine = _engine(ep)
     params = list(engine.module.parameters())
     grads = _rank_grads(engine, rank)
+    # the first expert parameter gets no gradient at all (an expert that saw no token)
     none_at = next(i for i, p in enumerate(params) if getattr(p, "allreduce", True) is False)
     # DeepSpeed: the loss was scaled by dp, its reduction sums and divides by dp.
     for i, (p, g) in enumerate(zip(params, grads)):
@@ -62,7 +63,7 @@ def _worker(rank: int, world: int, ep: int, out_dir: str) -> None:
     expert = [i for i, p in enumerate(params) if getattr(p, "allreduce", True) is False]
     # the expert grads really were summed over the replicas when there are any
     edp = world // ep
-    e0 = expert[1]
+    e0 = expert[1]  # expert[0] is none_at
     summed = sum(_rank_grads(engine, r)[e0] for r in range(rank % ep, world, ep)) / world
     bf16 = can_sum_gradients(_engine(ep, {"bf16": {"enabled": True}})) if world == 2 else None
     write_result(
