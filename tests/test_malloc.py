@@ -42,3 +42,64 @@ def test_freed_memory_is_reused_without_faults(setting):
         assert active and faults < 8000, faults
     else:
         assert not active
+
+
+BIG_CHILD = """
+import resource
+import sigma_moe, torch
+from sigma_moe import _malloc
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def step():  # an MoE layer's expert weight gradient: [96, 512, 256] fp32 = 48 MiB, new each step
+    return float(torch.ones(96, 512, 256).sum())
+for _ in range(3):
+    step()
+f0 = faults()
+for _ in range(10):
+    step()
+print(_malloc.ACTIVE, faults() - f0)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_blocks_over_the_mmap_cap_are_reused_too():
+    """glibc mmaps a block over 32 MiB whatever its threshold says; with mmap turned off the
+    block comes from the heap and is reused: 10 steps x 48 MiB would be ~123,000 page faults
+    if each were mapped anew (measured: the same test with SIGMA_MOE_MALLOPT=0 faults that)."""
+    faults = {}
+    for setting in ("1", "0"):
+        env = dict(os.environ, SIGMA_MOE_MALLOPT=setting, OMP_NUM_THREADS="1")
+        out = subprocess.run(
+            [sys.executable, "-c", BIG_CHILD], env=env, capture_output=True, text=True, check=True
+        ).stdout.split()
+        faults[setting] = int(out[-1])
+    assert faults["1"] < 2000, faults
+    assert faults["0"] > 50_000, faults  # the test would pass vacuously if nothing ever faulted
+
+
+THP_CHILD = """
+import os
+from sigma_moe import _malloc
+print(_malloc.HUGE_PAGES, _malloc.THP_SET_HERE, os.environ.get("THP_MEM_ALLOC_ENABLE"))
+"""
+
+
+def _thp_child(**env_over: str) -> list[str]:
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"} | env_over
+    return subprocess.run(
+        [sys.executable, "-c", THP_CHILD], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_torch_huge_pages_follow_the_kernel_mode_and_the_user():
+    from sigma_moe import _malloc
+
+    on, set_here, value = _thp_child()
+    if _malloc.thp_mode() == "madvise":  # torch must ask: the switch is set for it
+        assert (on, set_here, value) == ("True", "True", "1")
+    else:  # "always" (the kernel does it unasked), "never" or unknown: left alone
+        assert (on, set_here, value) == ("False", "False", "None")
+    # a user's own value always wins, and SIGMA_MOE_MALLOPT=0 sets nothing
+    assert _thp_child(THP_MEM_ALLOC_ENABLE="0")[:2] == ["False", "False"]
+    assert _thp_child(SIGMA_MOE_MALLOPT="0")[:2] == ["False", "False"]
