@@ -7,6 +7,9 @@ Contract (``import sigma_moe_kernels as K``)::
     y_sorted_ND = K.grouped_swiglu(x_sorted_ND, tokens_per_expert_E, w_gate_EDF, w_up_EDF,
                                    w_down_EFD)
     y_TD = K.unpermute(y_sorted_ND, row_map, weights_TK)
+    # or the permutation fused into the experts (no N x D input saved for backward):
+    gather_N, row_map = K.sort_rows(experts_TK)
+    y_sorted_ND = K.grouped_swiglu(x_TD, tokens_per_expert_E, ..., gather_N=gather_N)
     loss_T = K.linear_cross_entropy(h_TD, w_head_VD, labels_T)   # chunked LM head + fp32 CE
 
 Every MoE op takes ``backend="auto" | "torch" | "triton" | "interpret"`` (see ``_backend``), has
@@ -20,7 +23,7 @@ from . import reference
 from ._backend import BACKENDS, resolve_backend
 from .grouped_swiglu import grouped_swiglu
 from .linear_ce import linear_cross_entropy
-from .permute import permute, unpermute
+from .permute import permute, sort_rows, unpermute
 from .topk_route import topk_route
 
 __all__ = [
@@ -30,6 +33,7 @@ __all__ = [
     "permute",
     "reference",
     "resolve_backend",
+    "sort_rows",
     "topk_route",
     "unpermute",
 ]

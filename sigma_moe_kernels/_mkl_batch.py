@@ -136,10 +136,14 @@ class Groups:
         c = out.data_ptr() + (e * K * n + k0 * n) * 4
         return _TRANS, _NO_TRANS, kk, n, m, a, a_NK.stride(0), b, b_Nn.stride(0), 0.0, c, n
 
-    def weights_mm(self, *pairs: tuple[Tensor, Tensor]) -> list[Tensor]:
+    def weights_mm(self, *pairs: tuple[Tensor, Tensor], outs: list[Tensor] | None = None):
         """For each (a_NK, b_Nn), in one MKL call: [E, K, n], expert e's a rows transposed @
-        its b rows; zeros for empty experts."""
-        outs = [a.new_empty(self.E, a.shape[1], b.shape[1]) for a, b in pairs]
+        its b rows; zeros for empty experts. ``outs``: contiguous [E, K, n] tensors (views of
+        a larger weight gradient, for example) to write instead of new ones."""
+        if outs is None:
+            outs = [a.new_empty(self.E, a.shape[1], b.shape[1]) for a, b in pairs]
+        for (a, b), out in zip(pairs, outs):
+            assert out.shape == (self.E, a.shape[1], b.shape[1]) and out.is_contiguous()
         for out in outs:  # one slice per run: one fill per empty expert costs ~85 us each
             for e0, e1 in self.empty_runs:
                 out[e0:e1].zero_()

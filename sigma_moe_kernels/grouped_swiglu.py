@@ -5,7 +5,11 @@ where, for expert e owning rows ``[off_e, off_e + n_e)`` (``off`` = exclusive cu
 ``tokens_per_expert_E``): ``y = (silu(x @ Wg[e]) * (x @ Wu[e])) @ Wd[e]``.  Experts with zero
 tokens are legal (their weight gradients are zero).  Gradients: x and all three weights.
 
-Saved for backward: x_sorted and the two pre-activations ``h_gate_NF`` and ``h_up_NF``;
+With ``gather_N`` the permutation is fused in: the op takes the unsorted ``x_TD`` and reads row
+r of the experts' input as ``x_TD[gather_N[r]]``; dx comes back for ``x_TD``.
+
+Saved for backward: x (x_sorted, or x_TD and gather_N) and the two pre-activations ``h_gate_NF``
+and ``h_up_NF``;
 ``silu(h_gate)*h_up`` is recomputed in backward (one cheap elementwise pass) instead of being
 saved, which keeps the layer's peak memory near a dense FFN's.
 
@@ -36,7 +40,7 @@ from torch import Tensor
 
 from ._backend import resolve_backend
 from ._gemm_tiles import check_precision
-from .grouped_swiglu_torch import _bwd_torch_best, _fwd_torch_best
+from .grouped_swiglu_torch import _bwd_torch_best, _fwd_torch_best, gathered_bwd
 from .grouped_swiglu_triton import _bwd_triton, _fwd_triton
 
 __all__ = ["grouped_swiglu", "grouped_swiglu_reference"]
@@ -105,18 +109,21 @@ def _gs_fwd_op(
     wg_EDF: Tensor,
     wu_EDF: Tensor,
     wd_EFD: Tensor,
+    gather_N: Tensor | None,
     backend: str,
     precision: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (y_ND, h_gate_NF, h_up_NF); the h_* are saved for backward."""
     if backend == "torch":
-        return _fwd_torch_best(x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD)
+        return _fwd_torch_best(x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD, gather_N)
+    if gather_N is not None:
+        x_ND = x_ND.index_select(0, gather_N)
     return _fwd_triton(x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD, precision)
 
 
 @_gs_fwd_op.register_fake
-def _(x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD, backend, precision):
-    N, D = x_ND.shape
+def _(x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD, gather_N, backend, precision):
+    N, D = x_ND.shape if gather_N is None else (gather_N.shape[0], x_ND.shape[1])
     Fdim = wg_EDF.shape[2]
     return x_ND.new_empty(N, D), x_ND.new_empty(N, Fdim), x_ND.new_empty(N, Fdim)
 
@@ -131,17 +138,20 @@ def _gs_bwd_op(
     wd_EFD: Tensor,
     hg_NF: Tensor,
     hu_NF: Tensor,
+    gather_N: Tensor | None,
     backend: str,
     precision: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    args = (dy_ND, x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD, hg_NF, hu_NF)
     if backend == "torch":
-        return _bwd_torch_best(*args)
-    return _bwd_triton(*args, precision)
+        return _bwd_torch_best(
+            dy_ND, x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD, hg_NF, hu_NF, gather_N
+        )
+    rest = (counts_E, wg_EDF, wu_EDF, wd_EFD, hg_NF, hu_NF, precision)
+    return gathered_bwd(_bwd_triton, x_ND, gather_N, dy_ND, *rest)
 
 
 @_gs_bwd_op.register_fake
-def _(dy_ND, x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD, hg_NF, hu_NF, backend, precision):
+def _(dy_ND, x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD, hg_NF, hu_NF, gather_N, backend, precision):
     return (
         torch.empty_like(x_ND),
         torch.empty_like(wg_EDF),
@@ -152,21 +162,21 @@ def _(dy_ND, x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD, hg_NF, hu_NF, backend, prec
 
 def _setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero-filled grads for unused outputs
-    x_ND, counts_E, wg, wu, wd, backend, precision = inputs
+    x_ND, counts_E, wg, wu, wd, gather_N, backend, precision = inputs
     _, hg, hu = output
-    ctx.save_for_backward(x_ND, counts_E, wg, wu, wd, hg, hu)
+    ctx.save_for_backward(x_ND, counts_E, wg, wu, wd, hg, hu, gather_N)
     ctx.backend = backend
     ctx.precision = precision
 
 
 def _backward(ctx, dy_ND, _ghg, _ghu):
-    x_ND, counts_E, wg, wu, wd, hg, hu = ctx.saved_tensors
+    x_ND, counts_E, wg, wu, wd, hg, hu, gather_N = ctx.saved_tensors
     if dy_ND is None:
-        return None, None, None, None, None, None, None
+        return None, None, None, None, None, None, None, None
     dx, dwg, dwu, dwd = _gs_bwd_op(
-        dy_ND.contiguous(), x_ND, counts_E, wg, wu, wd, hg, hu, ctx.backend, ctx.precision
+        dy_ND.contiguous(), x_ND, counts_E, wg, wu, wd, hg, hu, gather_N, ctx.backend, ctx.precision
     )
-    return dx, None, dwg, dwu, dwd, None, None
+    return dx, None, dwg, dwu, dwd, None, None, None
 
 
 torch.library.register_autograd("sigma_moe::grouped_swiglu_fwd", _backward, setup_context=_setup)
@@ -181,15 +191,34 @@ def grouped_swiglu(
     *,
     backend: str = "auto",
     input_precision: str | None = None,
+    gather_N: Tensor | None = None,
 ) -> Tensor:
     """Per-expert SwiGLU over expert-sorted rows; see the module docstring.
 
     ``input_precision`` (Triton backends, fp32 only): "ieee" | "tf32x3" (fp32 accuracy) |
     "tf32" (fast, ~1e-3 relative error); None follows ``torch.get_float32_matmul_precision()``
     (see ``resolve_precision``).
+
+    ``gather_N`` (int64 [N]): the permutation fused in. The first argument is then the
+    unsorted ``x_TD`` and row r of the experts' input is ``x_TD[gather_N[r]]``
+    (``K.sort_rows``); the gradient comes back for ``x_TD``. What is saved for backward is
+    ``x_TD`` (which the router saves anyway) and the index, not the N gathered rows, and the
+    torch backend gathers them again chunk by chunk in backward. The output stays in sorted
+    order (``K.unpermute`` takes it).
     """
+    if gather_N is not None:
+        _check_gather(gather_N, x_sorted_ND)
     _check_args(x_sorted_ND, tokens_per_expert_E, w_gate_EDF, w_up_EDF, w_down_EFD)
     be = resolve_backend(backend, x_sorted_ND, w_gate_EDF, w_up_EDF, w_down_EFD)
     prec = check_precision(input_precision)  # "auto" is resolved by the launcher
-    outs = _gs_fwd_op(x_sorted_ND, tokens_per_expert_E, w_gate_EDF, w_up_EDF, w_down_EFD, be, prec)
+    outs = _gs_fwd_op(
+        x_sorted_ND, tokens_per_expert_E, w_gate_EDF, w_up_EDF, w_down_EFD, gather_N, be, prec
+    )
     return outs[0]
+
+
+def _check_gather(gather_N, x_TD) -> None:
+    if not isinstance(gather_N, Tensor) or gather_N.dim() != 1 or gather_N.dtype != torch.int64:
+        raise ValueError(f"gather_N must be a 1-D int64 tensor, got {_shape(gather_N)}")
+    if gather_N.device != x_TD.device:
+        raise ValueError(f"gather_N is on {gather_N.device} but x is on {x_TD.device}")

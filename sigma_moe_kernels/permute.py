@@ -486,3 +486,16 @@ def unpermute(y_ND: Tensor, row_map: Tensor, weights_TK: Tensor, *, backend: str
     be = resolve_backend(backend, y_ND, row_map, weights_TK)
     T, k = weights_TK.shape
     return _combine_op(y_ND, row_map, weights_TK, T, k, be)
+
+
+def sort_rows(experts_TK: Tensor) -> tuple[Tensor, Tensor]:
+    """``(gather_N, row_map_N)`` of ``permute`` without moving any row: sorted row r holds
+    ``x_TD[gather_N[r]]``; ``row_map`` as ``permute`` returns it. For ``grouped_swiglu(x_TD,
+    ..., gather_N=gather_N)``, which gathers the rows itself (no N x D tensor saved)."""
+    if not isinstance(experts_TK, Tensor) or experts_TK.dim() != 2:
+        raise ValueError(f"experts_TK must be a 2-D tensor [tokens, k], got {_shape(experts_TK)}")
+    k = experts_TK.shape[1]
+    with torch.no_grad():
+        order_N = _sort_order(experts_TK.to(torch.int64))
+        gather_N = order_N if k == 1 else torch.div(order_N, k, rounding_mode="floor")
+        return gather_N, _row_map_from_order(order_N)

@@ -166,10 +166,10 @@ def _experts_rows(c: dict, reps: int, tflops: float) -> list[dict]:
     flops = 2 * N * D * F * 3
     xs, counts, ws = c["xs"], c["counts"], c["ws"]
     prec = "auto"  # bf16: the launcher resolves it (ignored for 16-bit dots)
-    fwd = lambda: gs_mod._gs_fwd_op(xs, counts, *ws, be, prec)  # noqa: E731
+    fwd = lambda: gs_mod._gs_fwd_op(xs, counts, *ws, None, be, prec)  # noqa: E731
     y, hg, hu = fwd()
     dy = torch.randn_like(y)
-    bwd = lambda: gs_mod._gs_bwd_op(dy, xs, counts, *ws, hg, hu, be, prec)  # noqa: E731
+    bwd = lambda: gs_mod._gs_bwd_op(dy, xs, counts, *ws, hg, hu, None, be, prec)  # noqa: E731
     rows = []
     for name, fn, fl, target in (
         ("grouped SwiGLU fwd", fwd, flops, TARGET_FWD),

@@ -188,23 +188,7 @@ class SigmaMoELayer(_DeepSpeedMoE):
         dropped = 0
         if self.capacity_factor is not None:
             weights_TK, dropped = self._apply_capacity(weights_TK, experts_TK)
-        x_sorted_ND, row_map = K.permute(x_TD, experts_TK, backend=self.backend)
-        w = self.experts
-        if self.ep is None:
-            y_sorted_ND = K.grouped_swiglu(
-                x_sorted_ND, counts_E, w.w_gate_EDF, w.w_up_EDF, w.w_down_EFD, backend=self.backend
-            )
-        else:
-            x_local_MD, counts_local_L, ctx = self.ep.dispatch(x_sorted_ND, counts_E)
-            y_local_MD = K.grouped_swiglu(
-                x_local_MD,
-                counts_local_L,
-                w.w_gate_EDF,
-                w.w_up_EDF,
-                w.w_down_EFD,
-                backend=self.backend,
-            )
-            y_sorted_ND = self.ep.combine(y_local_MD, ctx)
+        y_sorted_ND, row_map = self._experts(x_TD, experts_TK, counts_E)
         y_TD = K.unpermute(y_sorted_ND, row_map, weights_TK.to(x_TD.dtype), backend=self.backend)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
@@ -224,6 +208,25 @@ class SigmaMoELayer(_DeepSpeedMoE):
             experts_TK=experts_TK.detach(),
         )
         return y_TD.view(B, S, D), stats
+
+    def _experts(self, x_TD: torch.Tensor, experts_TK: torch.Tensor, counts_E: torch.Tensor):
+        """The routed experts over expert-sorted rows: (y_sorted_ND, row_map)."""
+        w = self.experts
+        weights = (w.w_gate_EDF, w.w_up_EDF, w.w_down_EFD)
+        if self.ep is None and K.resolve_backend(self.backend, x_TD) == "torch":
+            # the permutation fused into the experts: they save x_TD (the router saves it
+            # anyway) and the index, not N gathered rows (the layer's peak activation memory
+            # 1.67x -> 1.11x a dense FFN's: docs/benchmarks/train-2026-12-06.md). The Triton
+            # path keeps its own gather and combine kernels (no atomics for top-k > 1).
+            gather_N, row_map = K.sort_rows(experts_TK)
+            y = K.grouped_swiglu(x_TD, counts_E, *weights, backend=self.backend, gather_N=gather_N)
+            return y, row_map
+        x_sorted_ND, row_map = K.permute(x_TD, experts_TK, backend=self.backend)
+        if self.ep is None:
+            return K.grouped_swiglu(x_sorted_ND, counts_E, *weights, backend=self.backend), row_map
+        x_local_MD, counts_local_L, ctx = self.ep.dispatch(x_sorted_ND, counts_E)
+        y_local_MD = K.grouped_swiglu(x_local_MD, counts_local_L, *weights, backend=self.backend)
+        return self.ep.combine(y_local_MD, ctx), row_map
 
     def _balance_loss(
         self, counts_E: torch.Tensor, prob_sum_E: torch.Tensor, n_tokens: int

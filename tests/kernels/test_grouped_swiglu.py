@@ -252,3 +252,69 @@ def test_input_precision_tolerances(precision, atol, backend, device):
     ws_ref = [w.detach().cpu().requires_grad_() for w in ws]
     y_ref = K.reference.grouped_swiglu(x_ref, torch.tensor(counts), *ws_ref)
     torch.testing.assert_close(y.detach().cpu(), y_ref.detach(), atol=atol, rtol=atol * 10)
+
+
+def _check_gathered(counts, T, D, F, backend, device, gen, atol=1e-5, rtol=1e-4):
+    """grouped_swiglu(x_TD, ..., gather_N) == grouped_swiglu(x_TD[gather_N], ...): output and
+    every gradient (x_TD's summed over the rows that read it) against the plain reference."""
+    N, E = sum(counts), len(counts)
+    x = torch.randn(T, D, generator=gen).to(device).requires_grad_()
+    gather = torch.randint(0, T, (N,), generator=gen)
+    gather[: min(T, N)] = torch.randperm(T, generator=gen)[: min(T, N)]  # most rows read once
+    ws = _weights(E, D, F, torch.float32, device, gen)
+    counts_E = torch.tensor(counts)
+    y = K.grouped_swiglu(x, counts_E.to(device), *ws, backend=backend, gather_N=gather.to(device))
+    x_ref = x.detach().cpu().requires_grad_()
+    ws_ref = [w.detach().cpu().requires_grad_() for w in ws]
+    y_ref = K.reference.grouped_swiglu(x_ref[gather], counts_E, *ws_ref)
+    torch.testing.assert_close(y.detach().cpu(), y_ref.detach(), atol=atol, rtol=rtol)
+    g = torch.randn(N, D, generator=gen)
+    grads = torch.autograd.grad((y * g.to(device)).sum(), [x, *ws])
+    grads_ref = torch.autograd.grad((y_ref * g).sum(), [x_ref, *ws_ref])
+    scale = max(1.0, max(counts) ** 0.5)
+    for name, a, b in zip(("x", "w_gate", "w_up", "w_down"), grads, grads_ref):
+        torch.testing.assert_close(
+            a.cpu(), b, atol=atol * scale, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}"
+        )
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 1])
+def test_gathered_rows_match_reference(chunk_bytes, backend, device, monkeypatch):
+    """The permutation fused in (``gather_N``), at the default chunking and with every expert
+    a backward chunk of its own (``_CHUNK_BYTES`` = 1): awkward sizes, empty experts, one
+    expert holding most rows, x rows read twice (top-2) and x rows read by nobody."""
+    import sigma_moe_kernels.grouped_swiglu_torch as gst
+
+    if chunk_bytes is not None:
+        monkeypatch.setattr(gst, "_CHUNK_BYTES", chunk_bytes)
+    gen = torch.Generator().manual_seed(5)
+    for counts, T in (
+        (_random_counts(1031, 96, gen), 1031),  # top-1: a permutation
+        ([0, 5, 0, 0, 70, 0, 3, 0], 41),  # top-2: 78 rows from 41 tokens (x rows read twice)
+        ([200, 1, 0, 9], 300),  # skewed; 90 x rows read by no expert (their dx is zero)
+    ):
+        _check_gathered(counts, T, 33, 17, backend, device, gen)
+
+
+def test_gathered_saves_x_not_the_gathered_rows():
+    """What makes the fused path lean: autograd keeps x_TD and the index, not N x D rows."""
+    gen = torch.Generator().manual_seed(0)
+    T, D, F_, E = 64, 16, 8, 4
+    x = torch.randn(T, D, generator=gen, requires_grad=True)
+    ws = _weights(E, D, F_, torch.float32, "cpu", gen)
+    gather = torch.randperm(T, generator=gen)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        K.grouped_swiglu(x, torch.tensor([16] * 4), *ws, backend="torch", gather_N=gather)
+    assert any(t is x for t in saved)
+    assert not any(t.shape == (T, D) and t is not x for t in saved)
+
+
+def test_gather_index_is_checked():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 16, generator=gen)
+    ws = _weights(2, 16, 8, torch.float32, "cpu", gen)
+    with pytest.raises(ValueError, match="gather_N must be a 1-D int64"):
+        K.grouped_swiglu(x, torch.tensor([4, 4]), *ws, backend="torch", gather_N=torch.ones(8))
+    with pytest.raises(ValueError, match="sum to"):
+        K.grouped_swiglu(x, torch.tensor([4, 5]), *ws, backend="torch", gather_N=torch.arange(8))

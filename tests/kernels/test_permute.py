@@ -176,3 +176,15 @@ def test_gather_row_offsets_are_int64():
     pm._gather_rows_kernel[(1, 1)](src, idx, dst, 3, D, D, stride, BLOCK_R=4, BLOCK_D=16)
     assert torch.equal(dst, src[idx])
     assert torch.equal(big[:D], below), "a row was written at base - 2**31 (int32 wrap)"
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_sort_rows_is_permute_without_the_rows(k):
+    gen = torch.Generator().manual_seed(k)
+    x = torch.randn(37, 8, generator=gen)
+    experts = _experts(37, 6, k, gen)
+    gather, row_map = K.sort_rows(experts)
+    xs, row_map_ref = K.permute(x, experts, backend="torch")
+    assert torch.equal(row_map, row_map_ref) and torch.equal(x[gather], xs)
+    with pytest.raises(ValueError, match="experts_TK must be a 2-D tensor"):
+        K.sort_rows(experts.reshape(-1))
