@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in t["tokens_per_s"].items():
             print(f"{k:<12} {v:8.0f} tokens/s (steps)  {t['tokens_per_s_wall'][k]:8.0f} (wall)")
         for k, v in t.items():
-            if k.startswith("throughput_ratio_live"):
+            if k.startswith(("throughput_ratio_live", "throughput_ratio_inline")):
                 print(f"{k[len('throughput_ratio_') :]:<24} {v:.3f}")
         return 0
     res = run_rho1_experiment(

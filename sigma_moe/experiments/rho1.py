@@ -445,8 +445,9 @@ def measure_throughput(
     seed: int = 1234,
     scorer_nice: Sequence[int] = (),
 ) -> dict[str, Any]:
-    """Whole-run tokens/s of mode=none vs excess with the live scorer vs excess from a prefilled
-    store, interleaved (none, live, prefilled, none, …) so a shared machine's load drifts into
+    """Whole-run tokens/s of mode=none vs excess with the live scorer side process vs excess
+    scored inline (the trainer's own threads score on demand) vs excess from a prefilled store,
+    interleaved (none, live, inline, prefilled, none, …) so a shared machine's load drifts into
     every variant alike. ``scorer_nice``: more live variants, ``live_scorer_nice<N>`` with
     ``rho1.scorer_nice=N`` (``live_scorer`` keeps the recipe's). Writes
     ``out/rho1_throughput.json``."""
@@ -467,6 +468,7 @@ def measure_throughput(
         "none": load_config(cfg_file, base + ["rho1.mode=none"]),
         "live_scorer": [],  # a fresh store per repeat: the scorer must really keep pace
         **{f"live_scorer_nice{n}": [f"rho1.scorer_nice={n}"] for n in scorer_nice},
+        "inline": ["rho1.scorer=inline"],  # scored on demand: a fresh store per repeat too
         "prefilled": load_config(
             cfg_file, slm + ["rho1.scorer=prefilled", f"rho1.store={pre_store}"]
         ),
@@ -475,7 +477,7 @@ def measure_throughput(
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in variants}
     for r in range(repeats):
         for name, cfg in variants.items():
-            if name.startswith("live_scorer"):
+            if isinstance(cfg, list):  # the live variants: a fresh store each run
                 live = ["rho1.scorer=process", f"rho1.store={out / f'store-{name}-{r}'}"]
                 cfg = load_config(cfg_file, slm + live + cfg)
             res = _train(cfg, out / f"{name}-{r}", f"throughput {name} #{r}")
@@ -510,6 +512,7 @@ def measure_throughput(
     res["throughput_ratio_live_vs_none"] = tp["live_scorer"] / tp["none"]
     res["throughput_ratio_prefilled_vs_none"] = tp["prefilled"] / tp["none"]
     res["throughput_ratio_live_vs_prefilled"] = tp["live_scorer"] / tp["prefilled"]
+    res["throughput_ratio_inline_vs_none"] = tp["inline"] / tp["none"]
     for n in scorer_nice:
         res[f"throughput_ratio_live_nice{n}_vs_none"] = tp[f"live_scorer_nice{n}"] / tp["none"]
     (out / "rho1_throughput.json").write_text(json.dumps(res, indent=1, default=str))
