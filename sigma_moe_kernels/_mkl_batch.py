@@ -143,7 +143,10 @@ class Groups:
         if outs is None:
             outs = [a.new_empty(self.E, a.shape[1], b.shape[1]) for a, b in pairs]
         for (a, b), out in zip(pairs, outs):
-            assert out.shape == (self.E, a.shape[1], b.shape[1]) and out.is_contiguous()
+            if out.shape != (self.E, a.shape[1], b.shape[1]) or not out.is_contiguous():
+                raise ValueError(
+                    f"weights_mm: out must be a contiguous {(self.E, a.shape[1], b.shape[1])}"
+                )
         for out in outs:  # one slice per run: one fill per empty expert costs ~85 us each
             for e0, e1 in self.empty_runs:
                 out[e0:e1].zero_()

@@ -152,12 +152,8 @@ def _gs_bwd_op(
 
 @_gs_bwd_op.register_fake
 def _(dy_ND, x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD, hg_NF, hu_NF, gather_N, backend, precision):
-    return (
-        torch.empty_like(x_ND),
-        torch.empty_like(wg_EDF),
-        torch.empty_like(wu_EDF),
-        torch.empty_like(wd_EFD),
-    )
+    # contiguous, as every implementation returns them (x_TD may be a strided view)
+    return tuple(t.new_empty(t.shape) for t in (x_ND, wg_EDF, wu_EDF, wd_EFD))
 
 
 def _setup(ctx, inputs, output):
@@ -202,13 +198,16 @@ def grouped_swiglu(
     ``gather_N`` (int64 [N]): the permutation fused in. The first argument is then the
     unsorted ``x_TD`` and row r of the experts' input is ``x_TD[gather_N[r]]``
     (``K.sort_rows``); the gradient comes back for ``x_TD``. What is saved for backward is
-    ``x_TD`` (which the router saves anyway) and the index, not the N gathered rows, and the
-    torch backend gathers them again chunk by chunk in backward. The output stays in sorted
-    order (``K.unpermute`` takes it).
+    ``x_TD`` (which the router saves anyway) and the index, not the N gathered rows. The fp32
+    CPU path (MKL) gathers them again chunk by chunk in backward; the other paths (16-bit,
+    ``torch._grouped_mm``, ranged bmm, Triton) gather all N rows at once, and sum dx back with
+    ``index_add_``, which on CUDA uses atomics (not bitwise reproducible for top-k > 1; the
+    model's layer fuses only on the torch backend). Indices must be in ``[0, T)`` (not checked:
+    a host sync). The output stays in sorted order (``K.unpermute`` takes it).
     """
+    _check_args(x_sorted_ND, tokens_per_expert_E, w_gate_EDF, w_up_EDF, w_down_EFD)
     if gather_N is not None:
         _check_gather(gather_N, x_sorted_ND)
-    _check_args(x_sorted_ND, tokens_per_expert_E, w_gate_EDF, w_up_EDF, w_down_EFD)
     be = resolve_backend(backend, x_sorted_ND, w_gate_EDF, w_up_EDF, w_down_EFD)
     prec = check_precision(input_precision)  # "auto" is resolved by the launcher
     outs = _gs_fwd_op(
@@ -219,6 +218,7 @@ def grouped_swiglu(
 
 def _check_gather(gather_N, x_TD) -> None:
     if not isinstance(gather_N, Tensor) or gather_N.dim() != 1 or gather_N.dtype != torch.int64:
-        raise ValueError(f"gather_N must be a 1-D int64 tensor, got {_shape(gather_N)}")
+        got = f"{_shape(gather_N)} {getattr(gather_N, 'dtype', '')}".strip()
+        raise ValueError(f"gather_N must be a 1-D int64 tensor, got {got}")
     if gather_N.device != x_TD.device:
         raise ValueError(f"gather_N is on {gather_N.device} but x is on {x_TD.device}")

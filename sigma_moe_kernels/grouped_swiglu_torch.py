@@ -21,7 +21,8 @@ def _counts_list(counts_E: Tensor, N: int) -> list[int]:
     counts = counts_E.tolist()  # the single host sync of the torch path
     if any(c < 0 for c in counts) or sum(counts) != N:
         raise ValueError(
-            f"tokens_per_expert_E must be >= 0 and sum to x_sorted_ND's {N} rows, "
+            f"tokens_per_expert_E must be >= 0 and sum to the experts' {N} input rows "
+            "(x_sorted_ND's rows, or len(gather_N)), "
             f"got sum {sum(counts)}"
         )
     return counts
@@ -309,8 +310,9 @@ _CHUNK_BYTES = 2 * 2**20
 
 
 def _chunks(counts: list[int], D: int) -> list[tuple[int, int, int, int]]:
-    """Contiguous expert ranges [(e0, e1, r0, r1)] of at least _CHUNK_BYTES of D-wide fp32 rows
-    (the last may be smaller; one expert larger than that is a chunk of its own)."""
+    """Contiguous expert ranges [(e0, e1, r0, r1)]: experts join a chunk until it holds at
+    least _CHUNK_BYTES of D-wide fp32 rows (the expert that crosses the mark closes it, however
+    large; the last chunk may be smaller)."""
     target = max(1, _CHUNK_BYTES // (4 * max(D, 1)))
     out, e0, r0, rows = [], 0, 0, 0
     for e, c in enumerate(counts):
@@ -324,7 +326,8 @@ def _chunks(counts: list[int], D: int) -> list[tuple[int, int, int, int]]:
 def _bwd_mkl(dy_ND, x_ND, counts, wg_EDF, wu_EDF, wd_EFD, hg, hu, gather_N=None):
     """Chunk by chunk of experts (``_chunks``). With ``gather_N`` the experts' input row r is
     ``x_ND[gather_N[r]]`` (gathered per chunk) and dx comes back in x's row order."""
-    dwg, dwu, dwd = (torch.empty_like(w) for w in (wg_EDF, wu_EDF, wd_EFD))
+    # contiguous whatever the weights' layout: MKL writes each expert's [K, n] block whole
+    dwg, dwu, dwd = (w.new_empty(w.shape) for w in (wg_EDF, wu_EDF, wd_EFD))
     if gather_N is None:
         dx = torch.empty_like(x_ND)
     else:  # a row of x used by several expert rows (top-k > 1) sums their gradients

@@ -45,7 +45,8 @@ REPO = Path(__file__).resolve().parents[2]
 PEERS = ("hf", "hf-ourenv", "hf-ds0", "hf-ds1", "autoep")
 # What a peer's process gets unless it is hf-ourenv: libgomp's default spin count with no wait
 # policy (exactly its built-in default; _threads.py leaves both alone when one is set) and
-# glibc's own malloc thresholds (and torch's allocator without huge pages).
+# glibc's own malloc thresholds (and torch's allocator without the huge pages _malloc asks
+# for; a THP_MEM_ALLOC_ENABLE the user exported stays).
 TORCH_DEFAULT_ENV = {"GOMP_SPINCOUNT": "300000", "SIGMA_MOE_MALLOPT": "0"}
 
 

@@ -279,12 +279,16 @@ def _check_gathered(counts, T, D, F, backend, device, gen, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("chunk_bytes", [None, 1])
-def test_gathered_rows_match_reference(chunk_bytes, backend, device, monkeypatch):
-    """The permutation fused in (``gather_N``), at the default chunking and with every expert
-    a backward chunk of its own (``_CHUNK_BYTES`` = 1): awkward sizes, empty experts, one
-    expert holding most rows, x rows read twice (top-2) and x rows read by nobody."""
+def test_gathered_rows_match_reference(chunk_bytes, backend, device, monkeypatch, request):
+    """The permutation fused in (``gather_N``), at the default chunking and with every
+    non-empty expert closing a backward chunk (``_CHUNK_BYTES`` = 1): awkward sizes, empty
+    experts, one expert holding most rows, x rows read twice (top-2) and x rows read by nobody.
+    On the torch backend fresh buffers are NaN-filled, so every element of dx and of each
+    weight gradient (empty experts' zeros included) must be written."""
     import sigma_moe_kernels.grouped_swiglu_torch as gst
 
+    if backend == "torch":
+        request.getfixturevalue("poison_empty")
     if chunk_bytes is not None:
         monkeypatch.setattr(gst, "_CHUNK_BYTES", chunk_bytes)
     gen = torch.Generator().manual_seed(5)
@@ -318,3 +322,46 @@ def test_gather_index_is_checked():
         K.grouped_swiglu(x, torch.tensor([4, 4]), *ws, backend="torch", gather_N=torch.ones(8))
     with pytest.raises(ValueError, match="sum to"):
         K.grouped_swiglu(x, torch.tensor([4, 5]), *ws, backend="torch", gather_N=torch.arange(8))
+
+
+def test_gathered_strided_x_bf16_and_permuted_weights():
+    """A strided x_TD, weights with a permuted (dense) layout and bf16: the gradients come back
+    contiguous and match the unfused op."""
+    gen = torch.Generator().manual_seed(1)
+    T, D, F_, E = 29, 24, 16, 5
+    counts = torch.tensor([7, 0, 12, 3, 7])
+    gather = torch.randperm(T, generator=gen)
+    for dtype in (torch.float32, torch.bfloat16):
+        x0 = torch.randn(D, T, generator=gen).to(dtype)
+        w0 = [torch.randn(D, E, F_, generator=gen).to(dtype) * 0.2 for _ in range(2)]
+        w0.append(torch.randn(F_, E, D, generator=gen).to(dtype) * 0.2)
+        g = torch.randn(T, D, generator=gen).to(dtype)
+        x = x0.t().requires_grad_()  # [T, D], strided
+        ws = [w.permute(1, 0, 2).requires_grad_() for w in w0]  # [E, ., .], not contiguous
+        y = K.grouped_swiglu(x, counts, *ws, backend="torch", gather_N=gather)
+        grads = torch.autograd.grad(y, [x, *ws], g)
+        xr = x0.t().detach().requires_grad_()
+        wr = [w.detach().contiguous().requires_grad_() for w in ws]
+        yr = K.grouped_swiglu(xr[gather], counts, *wr, backend="torch")
+        grads_ref = torch.autograd.grad(yr, [xr, *wr], g)
+        tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(y, yr, **tol)
+        for a, b in zip(grads, grads_ref):
+            assert a.is_contiguous()
+            torch.testing.assert_close(a, b, **tol)
+
+
+def test_gathered_ops_pass_opcheck():
+    """The custom ops' fake kernels, schemas and autograd agree with the real ones (what
+    torch.compile relies on), with the gather index and a strided x_TD."""
+    gs = importlib.import_module("sigma_moe_kernels.grouped_swiglu")
+    gen = torch.Generator().manual_seed(2)
+    T, D, F_, E = 20, 16, 8, 3
+    x = torch.randn(D, T, generator=gen).t()
+    ws = [torch.randn(E, D, F_, generator=gen), torch.randn(E, D, F_, generator=gen)]
+    ws.append(torch.randn(E, F_, D, generator=gen))
+    counts, gather = torch.tensor([6, 0, 14]), torch.randperm(T, generator=gen)
+    torch.library.opcheck(gs._gs_fwd_op, (x, counts, *ws, gather, "torch", "auto"))
+    y, hg, hu = gs._gs_fwd_op(x, counts, *ws, gather, "torch", "auto")
+    dy = torch.randn_like(y)
+    torch.library.opcheck(gs._gs_bwd_op, (dy, x, counts, *ws, hg, hu, gather, "torch", "auto"))
