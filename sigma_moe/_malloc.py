@@ -19,11 +19,13 @@ told to align its buffers of 2 MiB and more to 2 MiB and ``madvise(MADV_HUGEPAGE
 (``THP_MEM_ALLOC_ENABLE=1``, torch's own switch, read once at its first allocation, so it is
 set here, before torch loads) where the kernel's transparent huge pages are in ``madvise``
 mode; in ``always`` mode the kernel does it unasked, in ``never`` it would not help. Measured
-2026-12-02 (s8), 2-core Xeon VM, the `bench layer` MoE layer (T=4096, D=512, F=256, E=96,
-top-1) fwd+bwd, gradients new every step, 3 alternating fresh-process rounds, median ms:
-defaults of the day before 191-213 (57,000 faults, ~140 ms of system time a step);
-THP alone 144-154 (2,600 faults, 52 ms system); mmap off 129-139 (0 faults); both
-123-130 (0 faults). The dense SwiGLU FFN of the same active size: 57-65.
+by the first, cut-off try of session 8 (its record is these figures only), the `bench layer`
+MoE layer (T=4096, D=512, F=256, E=96, top-1) fwd+bwd, gradients new every step, 3 alternating
+fresh-process rounds, median ms: the earlier defaults 191-213 (57,000 faults, ~140 ms of system
+time a step); THP alone 144-154 (2,600 faults, 52 ms system); mmap off 129-139 (0 faults); both
+123-130 (0 faults); the dense SwiGLU FFN of the same active size 57-65. Re-measured 2026-12-06
+(s8), 2-core AMD EPYC VM, `sigma-moe bench layer --topk 1 --repeats 5`: 138 ms, 2.06x the dense
+FFN (2026-12-02 without them: 226 ms, 3.12x).
 
 The cost: RSS stays near the run's peak instead of shrinking between steps (a trainer's
 working set is the same every step anyway). `SIGMA_MOE_MALLOPT=0` leaves malloc and torch's

@@ -10,6 +10,8 @@ Contract (``import sigma_moe_kernels as K``)::
     # or the permutation fused into the experts (no N x D input saved for backward):
     gather_N, row_map = K.sort_rows(experts_TK)
     y_sorted_ND = K.grouped_swiglu(x_TD, tokens_per_expert_E, ..., gather_N=gather_N)
+    # one process: whichever of the two the backend does best
+    y_sorted_ND, row_map = K.routed_experts(x_TD, experts_TK, tokens_per_expert_E, ...)
     loss_T = K.linear_cross_entropy(h_TD, w_head_VD, labels_T)   # chunked LM head + fp32 CE
 
 Every MoE op takes ``backend="auto" | "torch" | "triton" | "interpret"`` (see ``_backend``), has
@@ -21,7 +23,7 @@ version, no backend argument).  ``row_map`` is an int64 tensor of length N = T*k
 
 from . import reference
 from ._backend import BACKENDS, resolve_backend
-from .grouped_swiglu import grouped_swiglu
+from .grouped_swiglu import grouped_swiglu, routed_experts
 from .linear_ce import linear_cross_entropy
 from .permute import permute, sort_rows, unpermute
 from .topk_route import topk_route
@@ -33,6 +35,7 @@ __all__ = [
     "permute",
     "reference",
     "resolve_backend",
+    "routed_experts",
     "sort_rows",
     "topk_route",
     "unpermute",

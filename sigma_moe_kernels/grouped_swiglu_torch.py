@@ -392,8 +392,9 @@ def _bwd_torch_best(dy_ND, x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD, hg, hu, gathe
 
 
 def _bwd_other(dy_ND, x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD, hg, hu):
+    """The backward where MKL's batch is not available: torch._grouped_mm, else ranged bmm."""
     args = (dy_ND, x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD, hg, hu)
-    if _gmm_ok(*args[:2], wg_EDF, wu_EDF, wd_EFD, hg, hu):
+    if _gmm_ok(dy_ND, x_ND, wg_EDF, wu_EDF, wd_EFD, hg, hu):
         _counts_list(counts_E, x_ND.shape[0])
         return _bwd_gmm(*args)
     return _bwd_torch(*args)

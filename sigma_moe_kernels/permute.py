@@ -118,11 +118,18 @@ def _row_map_from_order(order_N: Tensor) -> Tensor:
     return row_map_N
 
 
-def _permute_fwd_torch(x_TD: Tensor, experts_TK: Tensor):
+def _source_rows(experts_TK: Tensor) -> tuple[Tensor, Tensor]:
+    """(src_N, row_map_N): sorted row r holds x_TD[src_N[r]]; row_map as ``permute`` returns
+    it. Every backend's permute and ``sort_rows`` use this one ordering."""
     k = experts_TK.shape[1]
     order_N = _sort_order(experts_TK)
     src_N = order_N if k == 1 else torch.div(order_N, k, rounding_mode="floor")
-    return x_TD.index_select(0, src_N), _row_map_from_order(order_N)
+    return src_N, _row_map_from_order(order_N)
+
+
+def _permute_fwd_torch(x_TD: Tensor, experts_TK: Tensor):
+    src_N, row_map_N = _source_rows(experts_TK)
+    return x_TD.index_select(0, src_N), row_map_N
 
 
 def _combine_torch(y_ND: Tensor, row_map_N: Tensor, weights_TK: Tensor | None, T: int, k: int):
@@ -346,10 +353,8 @@ def _combine_triton(y_ND, row_map_N, weights_TK, T: int, k: int):
 
 
 def _permute_fwd_triton(x_TD: Tensor, experts_TK: Tensor):
-    k = experts_TK.shape[1]
-    order_N = _sort_order(experts_TK)
-    src_N = order_N if k == 1 else torch.div(order_N, k, rounding_mode="floor")
-    return _gather_rows_triton(x_TD, src_N), _row_map_from_order(order_N)
+    src_N, row_map_N = _source_rows(experts_TK)
+    return _gather_rows_triton(x_TD, src_N), row_map_N
 
 
 def _unpermute_bwd_triton(grad_TD, y_ND, row_map_N, weights_TK):
@@ -494,8 +499,5 @@ def sort_rows(experts_TK: Tensor) -> tuple[Tensor, Tensor]:
     ..., gather_N=gather_N)``, which gathers the rows itself (no N x D tensor saved)."""
     if not isinstance(experts_TK, Tensor) or experts_TK.dim() != 2:
         raise ValueError(f"experts_TK must be a 2-D tensor [tokens, k], got {_shape(experts_TK)}")
-    k = experts_TK.shape[1]
     with torch.no_grad():
-        order_N = _sort_order(experts_TK.to(torch.int64))
-        gather_N = order_N if k == 1 else torch.div(order_N, k, rounding_mode="floor")
-        return gather_N, _row_map_from_order(order_N)
+        return _source_rows(experts_TK.to(torch.int64))

@@ -79,12 +79,7 @@ class KernelMoE(nn.Module):
             logits = logits + bias
         w, experts, counts, prob_sum = K.topk_route(logits, self.k, backend=be)
         ws = (self.w_gate, self.w_up, self.w_down)
-        if K.resolve_backend(be, x_TD) == "torch":  # the permutation fused, as the model's layer
-            gather, row_map = K.sort_rows(experts)
-            y_sorted = K.grouped_swiglu(x_TD, counts, *ws, backend=be, gather_N=gather)
-        else:
-            x_sorted, row_map = K.permute(x_TD, experts, backend=be)
-            y_sorted = K.grouped_swiglu(x_sorted, counts, *ws, backend=be)
+        y_sorted, row_map = K.routed_experts(x_TD, experts, counts, *ws, backend=be)
         y = K.unpermute(y_sorted, row_map, w, backend=be)
         T = x_TD.shape[0]
         # load-balancing loss N_E * sum_i f_i p_i

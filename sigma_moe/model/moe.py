@@ -213,17 +213,9 @@ class SigmaMoELayer(_DeepSpeedMoE):
         """The routed experts over expert-sorted rows: (y_sorted_ND, row_map)."""
         w = self.experts
         weights = (w.w_gate_EDF, w.w_up_EDF, w.w_down_EFD)
-        if self.ep is None and K.resolve_backend(self.backend, x_TD) == "torch":
-            # the permutation fused into the experts: they save x_TD (the router saves it
-            # anyway) and the index, not N gathered rows (the layer's peak activation memory
-            # 1.67x -> 1.11x a dense FFN's: docs/benchmarks/train-2026-12-06.md). The Triton
-            # path keeps its own gather and combine kernels (no atomics for top-k > 1).
-            gather_N, row_map = K.sort_rows(experts_TK)
-            y = K.grouped_swiglu(x_TD, counts_E, *weights, backend=self.backend, gather_N=gather_N)
-            return y, row_map
+        if self.ep is None:  # on the torch backend with the permutation fused in
+            return K.routed_experts(x_TD, experts_TK, counts_E, *weights, backend=self.backend)
         x_sorted_ND, row_map = K.permute(x_TD, experts_TK, backend=self.backend)
-        if self.ep is None:
-            return K.grouped_swiglu(x_sorted_ND, counts_E, *weights, backend=self.backend), row_map
         x_local_MD, counts_local_L, ctx = self.ep.dispatch(x_sorted_ND, counts_E)
         y_local_MD = K.grouped_swiglu(x_local_MD, counts_local_L, *weights, backend=self.backend)
         return self.ep.combine(y_local_MD, ctx), row_map
