@@ -30,7 +30,10 @@ setup(
     description="Pretraining very sparse fine-grained MoE language models with Rho-1 token selection",
     python_requires=">=3.10",
     packages=find_packages(include=["sigma_moe", "sigma_moe.*"]) + ["sigma_moe_kernels"],
-    package_data={"sigma_moe": ["data/bundled/*", "data/bundled/**/*"]},
+    package_data={
+        "sigma_moe": ["data/bundled/*", "data/bundled/**/*"],
+        "sigma_moe_kernels": ["csrc/*.c"],  # compiled on first use (_cgemm.py)
+    },
     include_package_data=True,
     install_requires=_requirements(),
     extras_require={"gpu": ["flash-attn>=2.6"], "dev": ["pytest>=8.0", "ruff>=0.6"]},

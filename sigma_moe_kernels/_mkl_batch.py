@@ -125,6 +125,11 @@ class Groups:
         of e @ b[e]; b may be a transposed view. The outs must be distinct tensors."""
         self._call(*[self._rows_spec(a, b, out, beta) for a, b, out in abouts])
 
+    def rows_mm_sum(self, pairs: list[tuple[Tensor, Tensor]], out: Tensor, beta: float = 0.0):
+        """out rows of expert e (+)= sum over (a_NK, b_EKn) of a rows of e @ b[e]."""
+        for i, (a, b) in enumerate(pairs):
+            self.rows_mm((a, b, out), beta=beta if i == 0 else 1.0)
+
     def _weights_spec(self, a_NK: Tensor, b_Nn: Tensor, out: Tensor):
         assert _fp32_cpu(a_NK, b_Nn) and a_NK.stride(1) == 1 and b_Nn.stride(1) == 1
         K, n = a_NK.shape[1], b_Nn.shape[1]

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _mkl_batch
+from . import _cgemm, _mkl_batch
 
 
 def _counts_list(counts_E: Tensor, N: int) -> list[int]:
@@ -290,8 +290,14 @@ def _bwd_gmm(dy_ND, x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD, hg, hu):
     return dx, dwg, dwu, dwd
 
 
+def _groups(counts: list[int]):
+    """The grouped GEMMs of one call: ``_cgemm`` (AVX-512, no weight packing) where it
+    builds, else MKL's batch GEMM."""
+    return _cgemm.Groups(counts) if _USE_CGEMM and _cgemm.available() else _mkl_batch.Groups(counts)
+
+
 def _fwd_mkl(x_ND, counts, wg_EDF, wu_EDF, wd_EFD):
-    g = _mkl_batch.Groups(counts)
+    g = _groups(counts)
     N, Fdim = x_ND.shape[0], wg_EDF.shape[2]
     hg, hu, y = x_ND.new_empty(N, Fdim), x_ND.new_empty(N, Fdim), torch.empty_like(x_ND)
     g.rows_mm((x_ND, wg_EDF, hg), (x_ND, wu_EDF, hu))  # gate and up in one batch
@@ -333,7 +339,7 @@ def _bwd_mkl(dy_ND, x_ND, counts, wg_EDF, wu_EDF, wd_EFD, hg, hu, gather_N=None)
     else:  # a row of x used by several expert rows (top-k > 1) sums their gradients
         dx = torch.zeros_like(x_ND)
     for e0, e1, r0, r1 in _chunks(counts, x_ND.shape[1]):
-        g, ex = _mkl_batch.Groups(counts[e0:e1]), slice(e0, e1)
+        g, ex = _groups(counts[e0:e1]), slice(e0, e1)
         dy, dA = dy_ND[r0:r1], hg.new_empty(r1 - r0, hg.shape[1])
         g.rows_mm((dy, wd_EFD[ex].transpose(1, 2), dA))
         a, dhg, dhu = _swiglu_bwd(dA, hg[r0:r1], hu[r0:r1])
@@ -343,8 +349,7 @@ def _bwd_mkl(dy_ND, x_ND, counts, wg_EDF, wu_EDF, wd_EFD, hg, hu, gather_N=None)
         x = x_ND[r0:r1] if gather_N is None else x_ND.index_select(0, gather_N[r0:r1])
         g.weights_mm((x, dhg), (x, dhu), outs=[dwg[ex], dwu[ex]])
         dx_c = dx[r0:r1] if gather_N is None else x
-        g.rows_mm((dhg, wg_EDF[ex].transpose(1, 2), dx_c))
-        g.rows_mm((dhu, wu_EDF[ex].transpose(1, 2), dx_c), beta=1.0)  # after the first
+        g.rows_mm_sum([(dhg, wg_EDF[ex].transpose(1, 2)), (dhu, wu_EDF[ex].transpose(1, 2))], dx_c)
         if gather_N is not None:
             dx.index_add_(0, gather_N[r0:r1], dx_c)
     return dx, dwg, dwu, dwd
@@ -357,16 +362,19 @@ def _bwd_mkl(dy_ND, x_ND, counts, wg_EDF, wu_EDF, wd_EFD, hg, hu, gather_N=None)
 # _grouped_mm; at the layer benchmark's T=4096 D=512 F=256 207-227 vs 242-262 ms; whole
 # demo-cpu steps (in-process A/B, 24 steps) 747 vs 785 and 796 vs 856 ms.
 _USE_MKL_BATCH = os.environ.get("SIGMA_MOE_MKL_BATCH", "1") == "1"
+# ``_cgemm`` (csrc/grouped_gemm.c) ahead of MKL's batch where it builds (x86-64 with AVX-512 and
+# a C compiler); SIGMA_MOE_CGEMM=0 turns it off. Measured 2026-12-06 (s9), 2-core EPYC VM, one
+# process, T=4096 D=512 F=256 E=96 top-1: see _cgemm's docstring per GEMM and
+# docs/benchmarks/train-2026-12-06.md for the layer and whole training steps.
+_USE_CGEMM = os.environ.get("SIGMA_MOE_CGEMM", "1") == "1"
 
 
 def _mkl_ok(*ts: Tensor) -> bool:
+    """Whether the chunked fp32 path (``_fwd_mkl`` / ``_bwd_mkl``) runs: on ``_cgemm`` or on
+    MKL's batch GEMM."""
     return (
-        _USE_MKL_BATCH
-        and _mkl_batch.available()
-        and all(
-            t.dtype == torch.float32 and t.device.type == "cpu" and t.stride(-1) == 1 for t in ts
-        )
-    )
+        (_USE_CGEMM and _cgemm.available()) or (_USE_MKL_BATCH and _mkl_batch.available())
+    ) and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.stride(-1) == 1 for t in ts)
 
 
 def _fwd_torch_best(x_ND, counts_E, wg_EDF, wu_EDF, wd_EFD, gather_N=None):

@@ -1,7 +1,9 @@
 """Fixtures for the kernel tier: one `backend` parameter runs every test on each backend.
 
-* "torch"     -- always: MKL's grouped batch GEMM (fp32, where torch's MKL exports it), else
-                 torch._grouped_mm where it takes the operands (the default path).
+* "torch"     -- always: the default path: for fp32, _cgemm (csrc/grouped_gemm.c, where it
+                 builds), else MKL's grouped batch GEMM (where torch's MKL exports it); else
+                 torch._grouped_mm where it takes the operands.
+* "torch-mkl" -- always: the same backend with _cgemm off (MKL's batch GEMM for fp32).
 * "torch-gmm" -- always: the same backend with the MKL batch off (torch._grouped_mm).
 * "torch-bmm" -- always: the same backend with its ranged-bmm path forced (the path for
                  operands _grouped_mm refuses, and with SIGMA_MOE_GROUPED_MM=0).
@@ -22,6 +24,7 @@ import sigma_moe_kernels.grouped_swiglu_torch as gst
 
 BACKENDS = [
     "torch",
+    "torch-mkl",
     "torch-gmm",
     "torch-bmm",
     "interpret",
@@ -38,8 +41,9 @@ INTERPRET_SKIP = (
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch) -> str:
     be = request.param
-    if be in ("torch", "torch-gmm", "torch-bmm"):
-        monkeypatch.setattr(gst, "_USE_MKL_BATCH", be == "torch")
+    if be in ("torch", "torch-mkl", "torch-gmm", "torch-bmm"):
+        monkeypatch.setattr(gst, "_USE_CGEMM", be == "torch")
+        monkeypatch.setattr(gst, "_USE_MKL_BATCH", be in ("torch", "torch-mkl"))
         monkeypatch.setattr(gst, "_USE_GROUPED_MM", be != "torch-bmm")
         return "torch"
     if be == "interpret" and os.environ.get("TRITON_INTERPRET") != "1":
