@@ -7,6 +7,8 @@ Variants (`--variants`, comma-separated):
   ours-compile   the same under torch.compile (`train.compile: true`)
   ours-chunked-ce  ours with the LM head + CE forced into 512-row chunks (at demo sizes the
                  default is unchunked: K.linear_cross_entropy chunks only big logits)
+  ours-mkl       ours with the experts' AVX-512 C GEMMs off (``_cgemm``; MKL's batch GEMM,
+                 the path before them): the A/B of that kernel in whole training steps
   hf             transformers' Qwen3MoeForCausalLM, its grouped_mm experts (the fastest)
   hf-eager       the same with its per-expert loop ("eager" experts implementation)
 
@@ -29,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import sigma_moe_kernels as K
+import sigma_moe_kernels.grouped_swiglu_torch as gst
 from sigma_moe.bench.common import describe_machine, machine_info, markdown_table, write_json
 from sigma_moe.config import load_config
 from sigma_moe.data.batch import masked_labels
@@ -38,7 +41,7 @@ from sigma_moe.export.hf import qwen3_config
 from sigma_moe.model import SigmaMoEForCausalLM
 from sigma_moe.train.sampling import StaticSampler
 
-VARIANTS = ("ours", "ours-compile", "ours-chunked-ce", "hf", "hf-eager")
+VARIANTS = ("ours", "ours-compile", "ours-chunked-ce", "ours-mkl", "hf", "hf-eager")
 
 
 def _batches(experts: int, n: int) -> tuple[list[dict], object]:
@@ -79,9 +82,11 @@ class _Variant:
         return out.loss_per_token.sum() / valid + sum(out.aux_losses.values())
 
     def step(self, b: dict, timed: bool) -> None:
-        ce = K.linear_cross_entropy
+        ce, cgemm = K.linear_cross_entropy, gst._USE_CGEMM
         if self.name == "ours-chunked-ce":  # swapped for this variant's step only
             K.linear_cross_entropy = lambda h, w, y: ce(h, w, y, chunk=512)
+        if self.name == "ours-mkl":
+            gst._USE_CGEMM = False
         try:
             t0 = time.perf_counter()
             loss = self._loss(b)
@@ -91,7 +96,7 @@ class _Variant:
             self.opt.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
         finally:
-            K.linear_cross_entropy = ce
+            K.linear_cross_entropy, gst._USE_CGEMM = ce, cgemm
         self.losses.append(float(loss.detach()))
         if timed:
             self.times.append(dt)
