@@ -155,6 +155,16 @@ def _bench_grouped_swiglu(T, D, F, E, gen, dev, backends, reps, peak) -> list[di
     for be in backends:
         fns[be] = lambda be=be: gsw(lambda *a: K.grouped_swiglu(*a, backend=be))
     if dev.type == "cpu":
+        if "torch" in backends:  # the torch backend as it was before csrc/grouped_gemm.c
+
+            def on_mkl():
+                was, gs_mod._USE_CGEMM = gs_mod._USE_CGEMM, False
+                try:
+                    gsw(lambda *a: K.grouped_swiglu(*a, backend="torch"))
+                finally:
+                    gs_mod._USE_CGEMM = was
+
+            fns["alt: torch backend on MKL's batch GEMM (C GEMMs off)"] = on_mkl
         for name, (f, b) in _SWIGLU_ALTS.items():
             fns[name] = lambda f=f, b=b: gsw(lambda *a, f=f, b=b: _AltGroupedSwiGLU.apply(*a, f, b))
         try:
