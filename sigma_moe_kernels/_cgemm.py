@@ -149,9 +149,13 @@ class Groups:
             raise ValueError(f"rows_mm_sum takes one or two pairs, got {len(pairs)}")
         (a, b), second = pairs[0], pairs[1] if len(pairs) == 2 else None
         assert _fp32_cpu(a, b, out) and a.stride(1) == 1 and out.stride(1) == 1
-        if second is not None:
-            assert second[0].stride() == a.stride() and second[1].stride() == b.stride()
-            assert second[0].shape == a.shape and second[1].shape == b.shape
+        if second is not None and (
+            (second[0].shape, second[0].stride()) != (a.shape, a.stride())
+            or (second[1].shape, second[1].stride()) != (b.shape, b.stride())
+        ):  # one pass needs one layout (weights sliced from a wider tensor may differ): two
+            self.rows_mm_sum([pairs[0]], out, beta)
+            self.rows_mm_sum([second], out, 1.0)
+            return
         K, n = b.shape[1], b.shape[2]
         if b.stride(2) == 1:
             trans_b, ldb = 0, b.stride(1)

@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+import sigma_moe_kernels as K
 from sigma_moe_kernels import _cgemm
 
 CAN_BUILD = _cgemm._cpu_ok() is None and shutil.which(os.environ.get("CC", "cc")) is not None
@@ -120,6 +121,21 @@ def test_weights_mm_matches_and_writes_every_element(case, Ka, n, misaligned, th
 
 
 @needs_cgemm
+def test_rows_mm_sum_with_differently_laid_out_pairs():
+    # the gate weight a slice of a wider [E, 2F, K] tensor, the up weight its own: two passes
+    counts = COUNTS["mixed"]
+    gen = torch.Generator().manual_seed(6)
+    N, E, K, n = sum(counts), len(counts), 40, 48
+    a1, a2 = torch.randn(N, K, generator=gen), _strided(N, K, gen)
+    b1 = torch.randn(E, 2 * n, K, generator=gen)[:, :n].transpose(1, 2)
+    b2 = torch.randn(E, n, K, generator=gen).transpose(1, 2)
+    out = torch.full((N, n), float("nan"))
+    _cgemm.Groups(counts).rows_mm_sum([(a1, b1), (a2, b2)], out)
+    want = _ref_rows(a1, b1, counts) + _ref_rows(a2, b2, counts)
+    torch.testing.assert_close(out.double(), want, atol=1e-4, rtol=1e-5)
+
+
+@needs_cgemm
 def test_bad_beta_and_pair_count_raise():
     g = _cgemm.Groups([2, 3])
     a, b, out = torch.randn(5, 8), torch.randn(2, 8, 16), torch.empty(5, 16)
@@ -177,3 +193,24 @@ def test_builds_once_into_the_cache_and_shares_torchs_openmp(tmp_path):
     _probe(env, code)  # a second process loads the built library, it does not build again
     assert list(tmp_path.glob("grouped_gemm-*.so")) == built
     assert built[0].stat().st_mtime_ns == mtime
+
+
+@needs_cgemm
+def test_grouped_swiglu_with_a_sliced_gate_weight_matches_reference():
+    # through the op: w_gate a slice of a wider tensor, w_up its own (dx's pair takes two passes)
+    gen = torch.Generator().manual_seed(7)
+    counts = torch.tensor(COUNTS["mixed"])
+    N, E, D, F = int(counts.sum()), len(counts), 32, 24
+    x = torch.randn(N, D, generator=gen, requires_grad=True)
+    wg = (torch.randn(E, D, 2 * F, generator=gen) / D**0.5)[..., :F].requires_grad_()
+    wu = (torch.randn(E, D, F, generator=gen) / D**0.5).requires_grad_()
+    wd = (torch.randn(E, F, D, generator=gen) / F**0.5).requires_grad_()
+    ws = (wg, wu, wd)
+    y = K.grouped_swiglu(x, counts, *ws, backend="torch")
+    y_ref = K.reference.grouped_swiglu(x, counts, *ws)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-4)
+    g = torch.randn(N, D, generator=gen)
+    got = torch.autograd.grad((y * g).sum(), [x, *ws])
+    want = torch.autograd.grad((y_ref * g).sum(), [x, *ws])
+    for name, a, b in zip(("x", "w_gate", "w_up", "w_down"), got, want):
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
