@@ -24,7 +24,7 @@ from sigma_moe.config import Rho1Config, RunConfig
 from sigma_moe.data.dataset import build_training_data
 from sigma_moe.mixing.online import OnlineSampler, build_sampler
 from sigma_moe.rho1.reference import check_reference_tokenizer
-from sigma_moe.rho1.scorer import ScorerSupervisor
+from sigma_moe.rho1.scorer import ScorerSupervisor, resolve_mode
 from sigma_moe.train import loop
 from sigma_moe.train.hooks import Callback, Objective
 from sigma_moe.train.sampling import Sampler
@@ -72,12 +72,13 @@ class DoReMiReference(Callback):
         store = self.out_dir / "ref_store"
         if trainer.dp > 1:  # the scorers of several ranks must not share one store
             store = self.out_dir / f"ref_store.rank{trainer.world.rank}"
-        inline = self.rho1.scorer == "inline"
+        mode = resolve_mode(self.rho1.scorer)
+        inline = mode == "inline"
         self.sup = ScorerSupervisor(
             self.run_config,
             store,
             dataset=trainer.train_ds,
-            mode=self.rho1.scorer,
+            mode=mode,
             num_threads=int(os.environ.get("SIGMA_MOE_SCORER_THREADS", "1")),
             # inline: the trainer's own device; side process: the node's first GPU (or CPU)
             device=str(trainer.world.device) if inline else None,

@@ -103,7 +103,9 @@ class Rho1Config:
     reference: str | None = None
     # Reference-loss store folder; default: <run_dir>/ref_store.
     store: str | None = None
-    scorer: Literal["process", "inline", "prefilled"] = "process"
+    # reference scorer: auto (inline where one trainer holds every core of a CPU-only node, else
+    # a side process; docs/rho1.md), process, inline in the trainer, or a prefilled store
+    scorer: Literal["auto", "process", "inline", "prefilled"] = "auto"
     scorer_lookahead: int = 64
     scorer_batch_size: int = 8
     scorer_max_restarts: int = 3

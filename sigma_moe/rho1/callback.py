@@ -25,6 +25,7 @@ of the sample. Its status (wait times, restarts) is telemetry, written to
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -34,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from sigma_moe.config import Rho1Config, RunConfig
-from sigma_moe.rho1.scorer import ScorerError, ScorerSupervisor
+from sigma_moe.rho1.scorer import ScorerError, ScorerSupervisor, resolve_mode
 from sigma_moe.rho1.selection import (
     EXCESS_HIST_EDGES,
     excess_histogram,
@@ -74,6 +75,8 @@ class Rho1Callback(Callback, Objective):
         run_config: RunConfig,
         num_threads: int | None = None,
     ):
+        # rho1.scorer as it runs on this node (``auto`` resolved once, here)
+        rho1 = dataclasses.replace(rho1, scorer=resolve_mode(rho1.scorer))
         self.r, self.out_dir, self.world = rho1, Path(out_dir), world
         self.run_config = run_config
         self.num_threads = num_threads or int(os.environ.get("SIGMA_MOE_SCORER_THREADS", "1"))

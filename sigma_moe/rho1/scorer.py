@@ -22,6 +22,8 @@ Four modes behind one API (``ScorerSupervisor``; ``rho1.scorer``), one small str
 - ``prefilled`` (``_PrefilledMode``): only reads a store filled beforehand (``sigma-moe score``,
   ``score_cli.py``); a missing row is an error, never a silent fallback to training without
   selection.
+
+``auto`` (the default) resolves to one of them where the scorer starts (``resolve_mode``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
+from sigma_moe import _threads
 from sigma_moe.rho1.reference import (
     check_reference_tokenizer,
     load_reference,
@@ -372,6 +375,29 @@ class _ProcessMode(_Mode):
 _MODES = {"prefilled": _PrefilledMode, "inline": _InlineMode, "process": _ProcessMode}
 
 
+def resolve_mode(mode: str, env=os.environ) -> str:
+    """``rho1.scorer`` as it runs here: ``auto`` is ``inline`` where one trainer process holds
+    every core of a CPU-only node (its threads: ``OMP_NUM_THREADS``, else torch's), else
+    ``process``; any other mode is itself.
+
+    Why: on 2 cores the side process can only run by preempting one of the trainer's OpenMP
+    threads, and the other then waits at its next barrier: 0.77-0.80x the tokens/s of
+    ``rho1.mode=none``, against 0.85-0.90x scoring inline in the trainer's own threads
+    (2026-12-06, docs/rho1.md). With a GPU or a spare core the side process overlaps scoring
+    with training; with several ranks on the node one side process serves them all (inline,
+    each rank would score into the one store).
+    """
+    if mode != "auto":
+        return mode
+    if torch.cuda.is_available() or env.get("LOCAL_WORLD_SIZE", "1") != "1":
+        return "process"
+    try:
+        threads = max(1, int(env.get("OMP_NUM_THREADS", "")))
+    except ValueError:
+        threads = torch.get_num_threads()
+    return "inline" if threads >= _threads.cores() else "process"
+
+
 class ScorerSupervisor:
     """Reference losses for the trainer, from a side process, in-process, or a prefilled store.
 
@@ -413,9 +439,11 @@ class ScorerSupervisor:
     ):
         self.cfg = as_run_config(cfg)
         r = self.cfg.rho1
-        self.mode = mode or r.scorer
+        self.mode = resolve_mode(mode or r.scorer)
         if self.mode not in _MODES:
-            raise ValueError(f"rho1.scorer must be process, inline or prefilled, got {self.mode!r}")
+            raise ValueError(
+                f"rho1.scorer must be auto, process, inline or prefilled, got {self.mode!r}"
+            )
         self.store_path = Path(store_path)
         self.reference_path = str(reference_path or r.reference or "")
         self.lookahead = int(r.scorer_lookahead)

@@ -4,9 +4,17 @@ import time
 import pytest
 import torch
 
+import sigma_moe.rho1.scorer as scorer_mod
 from sigma_moe.config import RunConfig
+from sigma_moe.rho1.callback import Rho1Callback
 from sigma_moe.rho1.score_cli import main
-from sigma_moe.rho1.scorer import ScorerError, ScorerSupervisor, build_dataset, score_samples
+from sigma_moe.rho1.scorer import (
+    ScorerError,
+    ScorerSupervisor,
+    build_dataset,
+    resolve_mode,
+    score_samples,
+)
 from sigma_moe.rho1.store import RefLossStore
 
 G, MB, STEPS = 8, 4, 4
@@ -207,3 +215,36 @@ def test_scorer_exits_when_trainer_is_killed(hf_reference, tmp_path):
         time.sleep(0.2)
     os.kill(child, signal.SIGKILL)
     pytest.fail("the scorer outlived its killed trainer")
+
+
+@pytest.mark.parametrize(
+    "env,cuda,want",
+    [
+        ({"OMP_NUM_THREADS": "4"}, False, "inline"),  # one trainer holds the 4 cores
+        ({}, False, "inline"),  # torch's own thread count: 4 (patched below)
+        ({"OMP_NUM_THREADS": "2"}, False, "process"),  # two cores left for the scorer
+        ({"OMP_NUM_THREADS": "4", "LOCAL_WORLD_SIZE": "2"}, False, "process"),  # one per node
+        ({"OMP_NUM_THREADS": "4"}, True, "process"),  # the scorer on the GPU
+    ],
+)
+def test_auto_scorer_resolves_from_the_cores_the_trainer_holds(monkeypatch, env, cuda, want):
+    monkeypatch.setattr(scorer_mod._threads, "cores", lambda: 4)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert resolve_mode("auto", env) == want
+    for mode in ("process", "inline", "prefilled"):  # an explicit choice is kept
+        assert resolve_mode(mode, env) == mode
+
+
+def test_auto_is_the_default_and_the_callback_runs_the_resolved_mode(
+    hf_reference, tmp_path, monkeypatch
+):
+    cfg = _cfg(hf_reference)
+    assert cfg.rho1.scorer == "auto"
+    monkeypatch.setattr(scorer_mod._threads, "cores", lambda: 1)  # the trainer holds every core
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cb = Rho1Callback(cfg.rho1, tmp_path, run_config=cfg)
+    assert cb.r.scorer == "inline" and cfg.rho1.scorer == "auto"  # the config is not mutated
+    sup = ScorerSupervisor(cfg, tmp_path / "store")
+    assert sup.mode == "inline"
