@@ -1,5 +1,5 @@
 /* Grouped fp32 GEMMs for the MoE experts on x86-64 CPUs with AVX-512 (the `cgemm` path of
- * grouped_swiglu's torch backend; loaded by ../_cgemm.py, which compiles this file with gcc).
+ * grouped_swiglu's torch backend; loaded by ../_cgemm.py, which compiles this file with the system C compiler).
  *
  * Why it exists (measured on the 2-core EPYC VM this project is tested on, fp32, one layer of
  * the `bench layer` MoE: T=4096 D=512 F=256 E=96 top-1, ~43 rows an expert): MKL's grouped batch
