@@ -62,7 +62,6 @@ DOC = {
     "rho1.select_ratio": "share of the batch's tokens trained on",
     "rho1.threshold_scope": "rank the tokens per process (`rank`) or over all processes",
     "rho1.unselected_weight": "weight of the plain loss kept on rejected tokens",
-    "rho1.scorer": "reference scorer: auto (inline on a CPU whose cores the trainer holds, else side process), process, inline, or a prefilled store",
     "rho1.scorer_lookahead": "samples the scorer may run ahead of the trainer",
     "rho1.scorer_batch_size": "sequences per reference forward",
     "rho1.scorer_max_restarts": "restarts of a dead scorer before the run stops",

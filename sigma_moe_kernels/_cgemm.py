@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._mkl_batch import _fp32_cpu
+
 _SRC = Path(__file__).with_name("csrc") / "grouped_gemm.c"
 _FLAGS = ["-O3", "-mavx512f", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 _CPU_FLAGS = ("avx512f", "fma")
@@ -117,10 +119,6 @@ def why_unavailable() -> str:
 
 def _ptrs(base: int, index: np.ndarray, stride_elems: int) -> np.ndarray:
     return np.ascontiguousarray(base + index.astype(np.int64) * (stride_elems * 4), dtype=np.int64)
-
-
-def _fp32_cpu(*ts: Tensor) -> bool:
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in ts)
 
 
 class Groups:

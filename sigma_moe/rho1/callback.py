@@ -106,6 +106,7 @@ class Rho1Callback(Callback, Objective):
             dp=dp,
             ranks=_node_ranks(self.world) if dp > 1 else None,
             num_threads=self.num_threads,
+            mode=self.r.scorer,  # resolved in __init__
             spawn=spawn,
             # inline: the trainer's own device; side process: the node's first GPU (or CPU)
             device=str(self.world.device) if self.r.scorer == "inline" else None,

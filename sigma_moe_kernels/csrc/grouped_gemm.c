@@ -22,8 +22,6 @@
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
-#include <omp.h>
 
 #define MR 6
 #define NV 4
