@@ -14,10 +14,18 @@ flat buffer, as DeepSpeed does); an expert's gradients over its expert-data-para
 where that group has more than one rank. With dp a power of two the result is bitwise DeepSpeed's
 (scaling by 2^k commutes with rounding; tests/parallel/test_grad_sum.py checks it at dp = 2
 and 4).
+
+Where every rank runs on one machine, the dense bucket (the largest: the tied embedding alone is
+8 MB at the CPU demo's size) is summed through DeepSpeed's shared-memory all-reduce instead of
+gloo's TCP ring (`shm_sum_usable`); at E=96, EP=2 on 2 CPU processes that took GradSum from
+~21 to ~14 ms of a ~480 ms step.
 """
 
 from __future__ import annotations
 
+import os
+
+import deepspeed.comm as ds_comm
 import torch
 import torch.distributed as dist
 from deepspeed.moe.utils import is_moe_param
@@ -49,6 +57,7 @@ class GradSum:
             group = groups._get_expert_data_parallel_group(name)
             if dist.get_world_size(group) > 1:
                 self.buckets.append((ps, group))
+        self.shm = [shm_sum_usable(group) for _, group in self.buckets]
 
     def __call__(self) -> None:
         for p in self.params:
@@ -56,12 +65,42 @@ class GradSum:
                 # as DeepSpeed: every rank reduces the same sizes, and an expert that saw no
                 # token still gets its (zero-gradient) AdamW update
                 p.grad = torch.zeros_like(p)
-        for params, group in self.buckets:
+        for (params, group), shm in zip(self.buckets, self.shm):
             grads = [p.grad for p in params]
             flat = _flatten_dense_tensors(grads)
-            dist.all_reduce(flat, group=group)
+            if shm and flat.dtype == torch.float32:
+                ds_comm.inference_all_reduce(flat)  # sums over the world: the group is the world
+            else:
+                dist.all_reduce(flat, group=group)
             for g, summed in zip(grads, _unflatten_dense_tensors(flat, grads)):
                 g.copy_(summed)
+
+
+def shm_sum_usable(group) -> bool:
+    """Whether DeepSpeed's shared-memory all-reduce (``deepspeed.comm.inference_all_reduce`` on
+    its CPU accelerator) may sum fp32 CPU tensors over `group` instead of gloo.
+
+    Measured on this 2-core machine, 2 processes, medians of 30 (2026-12-06): 12 MB 2.7 ms
+    against gloo's 8.8, 64 KB 0.07 against 0.63. It sums over the whole world whatever group it
+    is given, and it exists only where DeepSpeed mapped its workspace (every rank on one
+    machine: ``LOCAL_SIZE`` equal to the world size; without it the op dereferences an unmapped
+    workspace and crashes), so: a gloo group that is the whole world, the op built, its fp32
+    kernel runnable here. Every rank sums the slots in rank order, so all ranks hold the same
+    bits (with two ranks, a + b: gloo's result). ``SIGMA_MOE_SHM_ALLREDUCE=0`` turns it off."""
+    if os.environ.get("SIGMA_MOE_SHM_ALLREDUCE", "1") == "0" or not dist.is_initialized():
+        return False
+    world = dist.get_world_size()
+    if world < 2 or dist.get_world_size(group) != world or dist.get_backend(group) != "gloo":
+        return False
+    if os.environ.get("LOCAL_SIZE") != str(world):
+        return False
+    backend = ds_comm.comm.cdb
+    return (
+        getattr(backend, "shm_comm_op", None) is not None
+        and getattr(backend, "shm_vector_kernel_level", 0) >= 1
+        and hasattr(torch.ops, "deepspeed")
+        and hasattr(torch.ops.deepspeed, "inference_all_reduce_")
+    )
 
 
 def can_sum_gradients(engine) -> bool:

@@ -95,6 +95,18 @@ def _unlink_shm_workspace() -> None:
     Path("/dev/shm", name).unlink(missing_ok=True)
 
 
+def _one_node_local_size() -> None:
+    """Set ``LOCAL_SIZE`` (DeepSpeed's launcher's name) from torchrun's ``LOCAL_WORLD_SIZE`` when
+    every rank runs on this machine, so DeepSpeed's CPU accelerator maps its shared-memory
+    all-reduce (it does only when ``LOCAL_SIZE`` equals the world size). GradSum reduces the
+    dense gradients through it: 12 MB in 2.7 ms against gloo's 8.8 (2 processes, this 2-core
+    machine, 2026-12-06). Several nodes, a GPU or a value already set: left alone."""
+    world, local = os.environ.get("WORLD_SIZE", "1"), os.environ.get("LOCAL_WORLD_SIZE")
+    if torch.cuda.is_available() or world == "1" or local != world:
+        return
+    os.environ.setdefault("LOCAL_SIZE", local)
+
+
 def init_distributed() -> World:
     """Join (or create) the process group. A plain `python` run becomes a 1-process group so the
     same code path (DeepSpeed engine, collectives) runs everywhere."""
@@ -103,6 +115,7 @@ def init_distributed() -> World:
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if not dist.is_initialized():
+        _one_node_local_size()
         _init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         _unlink_shm_workspace()
     local_rank = int(os.environ["LOCAL_RANK"])

@@ -19,7 +19,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, fn, world_size: int, port: int, init: str, args: tuple) -> None:
+def _entry(rank: int, fn, world_size: int, port: int, init: str, args: tuple, env: dict) -> None:
+    os.environ.update(env)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -34,6 +35,10 @@ def _entry(rank: int, fn, world_size: int, port: int, init: str, args: tuple) ->
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=90))
+        if "LOCAL_SIZE" in env:  # DeepSpeed mapped its shared-memory workspace: drop its name
+            from sigma_moe.train.engine import _unlink_shm_workspace
+
+            _unlink_shm_workspace()
     elif init in ("torch", "nccl"):
         if init == "nccl":
             torch.cuda.set_device(rank)
@@ -51,15 +56,18 @@ def _entry(rank: int, fn, world_size: int, port: int, init: str, args: tuple) ->
             dist.destroy_process_group()
 
 
-def run_distributed(fn, world_size: int, *args, init: str = "torch") -> None:
+def run_distributed(
+    fn, world_size: int, *args, init: str = "torch", env: dict[str, str] | None = None
+) -> None:
     """Run `fn(rank, world_size, *args)` in `world_size` fresh processes; a failure in any
     process fails the call (the others are terminated). `init`: "torch" (a gloo process group),
     "nccl" (an NCCL process group, process r on GPU r),
     "deepspeed" (deepspeed.init_distributed on gloo) or "none" (only RANK, WORLD_SIZE,
-    MASTER_ADDR/PORT... in the environment, as a launcher sets them)."""
+    MASTER_ADDR/PORT... in the environment, as a launcher sets them). `env`: more variables
+    for every process (e.g. LOCAL_SIZE, which makes DeepSpeed map its shared-memory all-reduce)."""
     mp.spawn(
         _entry,
-        args=(fn, world_size, free_port(), init, args),
+        args=(fn, world_size, free_port(), init, args, dict(env or {})),
         nprocs=world_size,
         join=True,
     )

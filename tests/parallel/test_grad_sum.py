@@ -1,6 +1,7 @@
 """GradSum (sigma_moe/parallel/grad_sum.py) against DeepSpeed's own ZeRO-0 reduction on the same
 per-rank gradients: bitwise equal at dp = 2 (EP=2, expert-data-parallel group of 1) and at
-dp = 4 (EP=2 x EDP=2: the expert gradients are summed over their pair of replicas too)."""
+dp = 4 (EP=2 x EDP=2: the expert gradients are summed over their pair of replicas too), over
+gloo and over DeepSpeed's shared-memory all-reduce (every rank on one machine: LOCAL_SIZE)."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def _rank_grads(engine, rank: int) -> list[torch.Tensor]:
     return out
 
 
-def _worker(rank: int, world: int, ep: int, out_dir: str) -> None:
+def _worker(rank: int, world: int, ep: int, out_dir: str, shm: bool) -> None:
     engine = _engine(ep)
     params = list(engine.module.parameters())
     grads = _rank_grads(engine, rank)
@@ -57,9 +58,17 @@ def _worker(rank: int, world: int, ep: int, out_dir: str) -> None:
     for i, (p, g) in enumerate(zip(params, grads)):
         p.grad = None if i == none_at else g / world
     assert can_sum_gradients(engine)
-    GradSum(engine.module)()
+    summer = GradSum(engine.module)
+    # the dense bucket (the whole world) goes through shared memory exactly when it is mapped
+    assert summer.shm == [shm] + [False] * (len(summer.buckets) - 1), summer.shm
+    summer()
     got = [p.grad for p in params]
     mismatched = [i for i, (a, b) in enumerate(zip(want, got)) if not torch.equal(a, b)]
+    rel_err = max(
+        float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) for a, b in zip(want, got)
+    )
+    dense = [g for g, p in zip(got, params) if getattr(p, "allreduce", True)]
+    dense_sum = float(sum(g.double().abs().sum() for g in dense))  # every rank must hold the same
     expert = [i for i, p in enumerate(params) if getattr(p, "allreduce", True) is False]
     # the expert grads really were summed over the replicas when there are any
     edp = world // ep
@@ -71,6 +80,11 @@ def _worker(rank: int, world: int, ep: int, out_dir: str) -> None:
         rank,
         {
             "mismatched": mismatched,
+            "rel_err": rel_err,
+            "dense_sum": dense_sum,
+            "dense_bits": [
+                torch.cat([g.flatten() for g in dense]).view(torch.int32)[::97].tolist()
+            ],
             "n": len(params),
             "n_expert": len(expert),
             "none_zero": bool(torch.count_nonzero(got[none_at]) == 0) if edp == 1 else None,
@@ -80,12 +94,21 @@ def _worker(rank: int, world: int, ep: int, out_dir: str) -> None:
     )
 
 
+@pytest.mark.parametrize("shm", [False, True], ids=["gloo", "shm"])
 @pytest.mark.parametrize("world,ep", [(2, 2), (4, 2)])
-def test_grad_sum_matches_deepspeed_bitwise(tmp_path, world, ep):
-    run_distributed(_worker, world, ep, str(tmp_path), init="deepspeed")
-    for r, res in enumerate(read_results(tmp_path, world)):
+def test_grad_sum_matches_deepspeed_bitwise(tmp_path, world, ep, shm):
+    env = {"LOCAL_SIZE": str(world)} if shm else {}
+    run_distributed(_worker, world, ep, str(tmp_path), shm, init="deepspeed", env=env)
+    results = read_results(tmp_path, world)
+    for r, res in enumerate(results):
         assert res["n_expert"] > 0 and res["n"] > res["n_expert"]
-        assert res["mismatched"] == [], (r, res)
+        # every rank holds the same dense gradients, bit for bit
+        assert res["dense_bits"] == results[0]["dense_bits"], r
+        if shm and world > 2:
+            # shared memory sums the ranks in rank order, gloo's ring in another: rounding only
+            assert res["rel_err"] < 1e-6, (r, res["rel_err"])
+        else:
+            assert res["mismatched"] == [], (r, res)
         if res["none_zero"] is not None:  # an expert with no gradient gets zeros, as DeepSpeed
             assert res["none_zero"], r
         assert res["expert_sum_err"] < 1e-4, (r, res)
