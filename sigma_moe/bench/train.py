@@ -14,6 +14,11 @@ neighbour slows them alike; the table gives the median over rounds):
   hf-ds0/hf-ds1 the same model through deepspeed.initialize, ZeRO-0 / ZeRO-1
   autoep        the same model through DeepSpeed AutoEP (`expert_parallel`, preset qwen3_moe,
                 its optimizer in the ds_config), EP = the process count
+  ours-solo     not a peer: the compute floor of ours at EP=P on P processes. P independent
+                runs of ours at once, each a plain 1-process run on 1/P of the global batch with
+                E/P experts and cores/P threads: every rank's work of EP=P, no communication
+                at all (--nproc 2 and up; its tokens/s count the global batch, the slowest
+                run's median step)
 
 Every variant trains on the same batches: ours from the bundled corpus via its sampler, the
 peers from the same dataset and sample keys. A step's time covers fetching its batch, forward,
@@ -50,16 +55,17 @@ PEERS = ("hf", "hf-ourenv", "hf-ds0", "hf-ds1", "autoep")
 TORCH_DEFAULT_ENV = {"GOMP_SPINCOUNT": "300000", "SIGMA_MOE_MALLOPT": "0"}
 
 
-def _recipe(experts: int, steps: int, quick: bool, ep_size: int, procs: int = 1):
+def _recipe(experts: int, steps: int, quick: bool, ep_size: int, procs: int = 1, solo_of: int = 1):
     """The recipe every variant trains; on ``procs`` processes each takes 1/procs of the
-    global batch in one micro-batch (the same global batch as one process, no accumulation)."""
+    global batch in one micro-batch (the same global batch as one process, no accumulation).
+    ``solo_of`` = P: one run of ours-solo (1/P of the global batch and of the experts, alone)."""
     from sigma_moe.config import load_config
 
     path = REPO / "configs" / ("test-tiny.yaml" if quick else "demo-cpu.yaml")
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: `bench train` runs from a source checkout")
     sets = [
-        f"model.num_experts={experts}",
+        f"model.num_experts={experts // solo_of}",
         "model.topk_schedule=[]",  # top-1 in every layer, as the peers
         f"train.max_steps={steps}",
         "train.log_every=1",
@@ -70,6 +76,10 @@ def _recipe(experts: int, steps: int, quick: bool, ep_size: int, procs: int = 1)
         "data.val_samples_per_domain=2",
         f"parallel.ep_size={ep_size}",
     ]
+    if solo_of > 1:
+        G = load_config(path, []).train.global_batch_size // solo_of
+        sets += [f"train.global_batch_size={G}", f"train.micro_batch_size={G}"]
+        sets.append("parallel.zero_stage=0")  # as ours at EP=P (below)
     if procs > 1:
         G = load_config(path, []).train.global_batch_size
         sets.append(f"train.micro_batch_size={G // procs}")
@@ -233,8 +243,11 @@ def hf_copy_of(model) -> torch.nn.Module:
 
 def _worker(args) -> int:
     experts, nproc = args.experts[0], args.world or args.nproc[0]  # one of each per worker
-    cfg = _recipe(experts, args.steps, args.quick, nproc if args.worker == "ours" else 1, nproc)
-    if args.worker == "ours":
+    if args.worker == "ours-solo":  # one of `nproc` independent 1-process runs
+        cfg = _recipe(experts, args.steps, args.quick, 1, solo_of=nproc)
+    else:
+        cfg = _recipe(experts, args.steps, args.quick, nproc if args.worker == "ours" else 1, nproc)
+    if args.worker in ("ours", "ours-solo"):
         res = _worker_ours(cfg, Path(args.out).parent / "run", args.warmup)
     else:
         variant = "hf" if args.worker == "hf-ourenv" else args.worker
@@ -266,6 +279,8 @@ def _launch_in(out: Path, variant: str, experts: int, nproc: int, args, timeout:
         "--steps", str(args.steps), "--warmup", str(args.warmup), "--out", str(out),
         "--hf-experts", args.hf_experts,
     ] + (["--quick"] if args.quick else [])  # fmt: skip
+    if variant == "ours-solo":
+        return _launch_solo(out, experts, nproc, tail, timeout)
     if nproc == 1:
         cmd = [sys.executable, "-m", "sigma_moe.bench.train", *tail]
     else:
@@ -297,9 +312,44 @@ def _launch_in(out: Path, variant: str, experts: int, nproc: int, args, timeout:
     }
 
 
+def _launch_solo(out: Path, experts: int, nproc: int, tail: list[str], timeout: float) -> dict:
+    """ours-solo: `nproc` plain 1-process runs of ours at once, each with its own folder and
+    cores/nproc threads (the threads a rank of ours gets at EP=nproc)."""
+    from sigma_moe.train.engine import child_env
+
+    threads = str(max(1, (os.cpu_count() or 1) // nproc))
+    env = child_env(TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=threads)
+    outs = [out.parent / f"solo{i}" / "res.json" for i in range(nproc)]
+    procs = []
+    for o in outs:
+        o.parent.mkdir(parents=True)
+        args = [a if a != str(out) else str(o) for a in tail]
+        cmd = [sys.executable, "-m", "sigma_moe.bench.train", *args]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                      text=True, env=env))  # fmt: skip
+    errors = []
+    for p in procs:
+        try:
+            err = p.communicate(timeout=timeout)[1]
+        except subprocess.TimeoutExpired:
+            p.kill()
+            err = f"timed out after {timeout:.0f} s"
+        if p.returncode != 0:
+            errors.append((err or f"exit {p.returncode}").strip().splitlines()[-1][:200])
+    if errors:
+        return {"error": errors[0]}
+    res = [json.loads(Path(f"{o}.rank0").read_text()) for o in outs]
+    dt = max(statistics.median(r["step_times"]) for r in res)  # the slowest run sets the pace
+    return {
+        "tokens_per_s": sum(r["tokens_per_step"] for r in res) / dt,
+        "peak_rss_mib": max(r["peak_rss_mib"] for r in res),
+        "losses": res[0]["losses"],
+    }
+
+
 def _variants(nproc: int, args) -> list[str]:
     """The variants of one process count: all (or --variants) that run there."""
-    valid = ["ours", *(PEERS if nproc == 1 else ("autoep",))]
+    valid = ["ours", *(PEERS if nproc == 1 else ("autoep", "ours-solo"))]
     want = ["ours"] if args.no_peers else (args.variants or valid)
     return [v for v in want if v in valid]
 
@@ -336,7 +386,11 @@ def _summarise(experts: int, nproc: int, runs: dict[str, list[dict]]) -> list[di
         if len(ok) < len(rs):
             row["error"] = next(r["error"] for r in rs if "error" in r)
         rows.append(row)
-    peers = [r["tokens_per_s"] for r in rows if r["variant"] != "ours" and "tokens_per_s" in r]
+    peers = [
+        r["tokens_per_s"]
+        for r in rows
+        if r["variant"] not in ("ours", "ours-solo") and "tokens_per_s" in r
+    ]
     for r in rows:
         if peers and "tokens_per_s" in r:
             r["vs_best_peer"] = r["tokens_per_s"] / max(peers)
@@ -378,7 +432,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--hf-experts", default="grouped_mm", help="transformers experts impl.")
     ap.add_argument("--no-peers", action="store_true", help="only ours")
     ap.add_argument(
-        "--variants", nargs="+", choices=["ours", *PEERS], help="a subset (default: all)"
+        "--variants",
+        nargs="+",
+        choices=["ours", *PEERS, "ours-solo"],
+        help="a subset (default: all)",
     )
     ap.add_argument("--quick", action="store_true", help="test-tiny sizes, 3 steps, 1 repeat")
     ap.add_argument("--worker", help=argparse.SUPPRESS)

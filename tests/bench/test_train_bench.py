@@ -35,6 +35,24 @@ def test_quick_harness_returns_real_numbers(tmp_path):
     )
 
 
+def test_solo_floor_runs_each_share_alone(tmp_path):
+    """ours-solo (EP=2's compute floor): two plain runs at once, each on half the batch with half
+    the experts; reported beside ours, never as a peer."""
+    out = tmp_path / "bench.json"
+    rc = bench_train.main(
+        ["--quick", "--experts", "8", "--nproc", "2", "--variants", "ours-solo", "--json", str(out)]
+    )
+    assert rc == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["variant"] == "ours-solo" and "error" not in row, row.get("error")
+    assert row["runs"] == 1 and row["tokens_per_s"] > 0 and "vs_best_peer" not in row
+    assert abs(row["first_loss"] - math.log(8192)) < 0.5
+    half = bench_train._recipe(8, 3, True, 1, solo_of=2)
+    full = bench_train._recipe(8, 3, True, 1)
+    assert half.model.num_experts == 4
+    assert 2 * half.train.global_batch_size == full.train.global_batch_size
+
+
 class _Capture:
     """Our model's initial weights and the trainer's dataset and sampler (before step 1)."""
 
