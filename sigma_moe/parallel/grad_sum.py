@@ -17,8 +17,7 @@ and 4).
 
 Where every rank runs on one machine, the dense bucket (the largest: the tied embedding alone is
 8 MB at the CPU demo's size) is summed through DeepSpeed's shared-memory all-reduce instead of
-gloo's TCP ring (`shm_sum_usable`); at E=96, EP=2 on 2 CPU processes that took GradSum from
-~21 to ~14 ms of a ~480 ms step.
+gloo's TCP ring (`shm_sum_usable`), in 2 MB pieces (SHM_PIECE_NUMEL: memory).
 """
 
 from __future__ import annotations
@@ -32,6 +31,15 @@ from deepspeed.moe.utils import is_moe_param
 from deepspeed.utils import groups
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+
+# DeepSpeed's shared-memory all-reduce stages a message in its 2 x 32 MB workspace, alternating
+# halves from call to call, and every rank reads the others' copies: the pages it touches count
+# in each process's RSS. One 12 MB message (the CPU demo's dense gradients) added ~50 MB RSS a
+# process (the EP=2 demo run then peaked above DeepSpeed AutoEP's); 2 MB pieces add ~10 MB. Time
+# of the 12 MB (2 processes, interleaved medians of 25, 2026-12-06): one message 3.2 ms, 4 MB
+# pieces 4.4, 2 MB 5.0, 0.5 MB 7.4; gloo 13.5.
+SHM_PIECE_NUMEL = 2 * 2**20 // 4
 
 
 class GradSum:
@@ -69,7 +77,8 @@ class GradSum:
             grads = [p.grad for p in params]
             flat = _flatten_dense_tensors(grads)
             if shm and flat.dtype == torch.float32:
-                ds_comm.inference_all_reduce(flat)  # sums over the world: the group is the world
+                for piece in flat.split(SHM_PIECE_NUMEL):  # sums over the world (= the group)
+                    ds_comm.inference_all_reduce(piece)
             else:
                 dist.all_reduce(flat, group=group)
             for g, summed in zip(grads, _unflatten_dense_tensors(flat, grads)):

@@ -11,7 +11,7 @@ import torch
 from _dist import read_results, run_distributed, write_result
 
 from sigma_moe.model import SigmaMoEConfig, SigmaMoEForCausalLM
-from sigma_moe.parallel import ep_rank_for, moe_param_groups, wire_expert_parallel
+from sigma_moe.parallel import ep_rank_for, grad_sum, moe_param_groups, wire_expert_parallel
 from sigma_moe.parallel.grad_sum import GradSum, can_sum_gradients
 
 pytestmark = pytest.mark.distributed
@@ -58,6 +58,8 @@ def _worker(rank: int, world: int, ep: int, out_dir: str, shm: bool) -> None:
     for i, (p, g) in enumerate(zip(params, grads)):
         p.grad = None if i == none_at else g / world
     assert can_sum_gradients(engine)
+    if shm:  # many pieces, the last one short (the demo's 12 MB goes in 2 MB pieces)
+        grad_sum.SHM_PIECE_NUMEL = 1001
     summer = GradSum(engine.module)
     # the dense bucket (the whole world) goes through shared memory exactly when it is mapped
     assert summer.shm == [shm] + [False] * (len(summer.buckets) - 1), summer.shm
