@@ -32,7 +32,6 @@ from deepspeed.utils import groups
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-
 # DeepSpeed's shared-memory all-reduce stages a message in its 2 x 32 MB workspace, alternating
 # halves from call to call, and every rank reads the others' copies: the pages it touches count
 # in each process's RSS. One 12 MB message (the CPU demo's dense gradients) added ~50 MB RSS a

@@ -95,14 +95,28 @@ def _unlink_shm_workspace() -> None:
     Path("/dev/shm", name).unlink(missing_ok=True)
 
 
+# DeepSpeed's CPU all-reduce workspace a rank (shm.cpp: 2 x 1 MB + 2 x 32 MB + its flags), with
+# room to spare
+SHM_WORKSPACE_BYTES = 80 * 2**20
+
+
 def _one_node_local_size() -> None:
     """Set ``LOCAL_SIZE`` (DeepSpeed's launcher's name) from torchrun's ``LOCAL_WORLD_SIZE`` when
     every rank runs on this machine, so DeepSpeed's CPU accelerator maps its shared-memory
     all-reduce (it does only when ``LOCAL_SIZE`` equals the world size). GradSum reduces the
     dense gradients through it: 12 MB in 2.7 ms against gloo's 8.8 (2 processes, this 2-core
-    machine, 2026-12-06). Several nodes, a GPU or a value already set: left alone."""
+    machine, 2026-12-06). Several nodes, a GPU or a value already set: left alone. So is a
+    /dev/shm too small for DeepSpeed's workspaces (~69 MB a rank, e.g. Docker's default 64 MB):
+    the pages are only allocated when touched, and a full tmpfs then kills the run with SIGBUS
+    mid-step instead of an error at start."""
     world, local = os.environ.get("WORLD_SIZE", "1"), os.environ.get("LOCAL_WORLD_SIZE")
     if torch.cuda.is_available() or world == "1" or local != world:
+        return
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return
+    if st.f_bavail * st.f_frsize < int(local) * SHM_WORKSPACE_BYTES:
         return
     os.environ.setdefault("LOCAL_SIZE", local)
 
