@@ -8,8 +8,9 @@ recipe (demo-cpu, E experts, top-1, ZeRO-0) timed on each rank, per step, median
 Prints, per rank: the median step, the median per step of each kind of collective (calls a
 step), and of `GradSum` (the ZeRO-0 gradient sum, DeepSpeed's shared-memory all-reduce where it
 runs). A collective's time is its round trip plus the wait for the slowest rank. `--balanced`
-replaces the router's choice by token index modulo E, so the ranks get equal rows: it shows what
-routing imbalance costs (its losses are not a real training's).
+replaces the router's choice by (token index x 7 + rank) mod E, so the ranks get equal rows: it
+shows what routing imbalance costs (its losses are not a real training's). The last line says
+which GradSum buckets went through DeepSpeed's shared-memory all-reduce.
 """
 
 from __future__ import annotations
@@ -74,6 +75,14 @@ def main() -> None:
     for name in KINDS:
         _timed(dist, name, name, acc)
     _timed(grad_sum.GradSum, "__call__", "GradSum", acc)
+    shm_flags: list[bool] = []
+    init = grad_sum.GradSum.__init__
+
+    def recording_init(self, module):
+        init(self, module)
+        shm_flags.extend(self.shm)
+
+    grad_sum.GradSum.__init__ = recording_init
     if args.balanced:
         moe.K = _RoundRobinRouting()
     per_step: list[tuple[float, dict]] = []
@@ -101,6 +110,7 @@ def main() -> None:
         total = statistics.median(sum(a.get(k, [])) for _, a in per_step)
         calls = statistics.median(len(a.get(k, [])) for _, a in per_step)
         lines.append(f"  {k:18s} {total * 1e3:6.1f} ms a step  ({calls:.0f} calls)")
+    lines.append(f"  GradSum on shared memory: {shm_flags}")
     time.sleep(0.3 * rank)  # rank 0 first
     print("\n".join(lines), flush=True)
 

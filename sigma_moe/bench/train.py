@@ -78,6 +78,9 @@ def _recipe(experts: int, steps: int, quick: bool, ep_size: int, procs: int = 1,
     ]
     if solo_of > 1:
         G = load_config(path, []).train.global_batch_size // solo_of
+        if experts % solo_of or G < 1:
+            raise ValueError(f"ours-solo: {solo_of} processes must divide the experts ({experts}) "
+                             "and the global batch")  # fmt: skip
         sets += [f"train.global_batch_size={G}", f"train.micro_batch_size={G}"]
         sets.append("parallel.zero_stage=0")  # as ours at EP=P (below)
     if procs > 1:
@@ -313,29 +316,37 @@ def _launch_in(out: Path, variant: str, experts: int, nproc: int, args, timeout:
 
 
 def _launch_solo(out: Path, experts: int, nproc: int, tail: list[str], timeout: float) -> dict:
-    """ours-solo: `nproc` plain 1-process runs of ours at once, each with its own folder and
-    cores/nproc threads (the threads a rank of ours gets at EP=nproc)."""
+    """ours-solo: `nproc` plain 1-process runs of ours at once, each with its own folder and the
+    threads and wait policy input a rank of ours gets at EP=nproc (cores/nproc threads, this
+    node's nproc ranks)."""
+    from sigma_moe._threads import cores
     from sigma_moe.train.engine import child_env
 
-    threads = str(max(1, (os.cpu_count() or 1) // nproc))
-    env = child_env(TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=threads)
+    threads = str(max(1, cores() // nproc))
+    env = child_env(
+        TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=threads, LOCAL_WORLD_SIZE=str(nproc)
+    )
     outs = [out.parent / f"solo{i}" / "res.json" for i in range(nproc)]
     procs = []
     for o in outs:
         o.parent.mkdir(parents=True)
-        args = [a if a != str(out) else str(o) for a in tail]
-        cmd = [sys.executable, "-m", "sigma_moe.bench.train", *args]
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                      text=True, env=env))  # fmt: skip
+        cmd = [sys.executable, "-m", "sigma_moe.bench.train",
+               *[a if a != str(out) else str(o) for a in tail]]  # fmt: skip
+        with open(o.parent / "stderr.txt", "w") as err:  # a file: a full pipe would stall a run
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env))
+    deadline = time.monotonic() + timeout  # one deadline for all: they run at once
     errors = []
-    for p in procs:
+    for p, o in zip(procs, outs):
         try:
-            err = p.communicate(timeout=timeout)[1]
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             p.kill()
-            err = f"timed out after {timeout:.0f} s"
+            p.wait()
+            errors.append(f"timed out after {timeout:.0f} s")
+            continue
         if p.returncode != 0:
-            errors.append((err or f"exit {p.returncode}").strip().splitlines()[-1][:200])
+            lines = (o.parent / "stderr.txt").read_text().strip().splitlines()
+            errors.append((lines[-1] if lines else f"exit {p.returncode}")[:200])
     if errors:
         return {"error": errors[0]}
     res = [json.loads(Path(f"{o}.rank0").read_text()) for o in outs]

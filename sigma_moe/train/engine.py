@@ -103,14 +103,17 @@ SHM_WORKSPACE_BYTES = 80 * 2**20
 def _one_node_local_size() -> None:
     """Set ``LOCAL_SIZE`` (DeepSpeed's launcher's name) from torchrun's ``LOCAL_WORLD_SIZE`` when
     every rank runs on this machine, so DeepSpeed's CPU accelerator maps its shared-memory
-    all-reduce (it does only when ``LOCAL_SIZE`` equals the world size). GradSum reduces the
-    dense gradients through it: 12 MB in 2.7 ms against gloo's 8.8 (2 processes, this 2-core
-    machine, 2026-12-06). Several nodes, a GPU or a value already set: left alone. So is a
-    /dev/shm too small for DeepSpeed's workspaces (~69 MB a rank, e.g. Docker's default 64 MB):
-    the pages are only allocated when touched, and a full tmpfs then kills the run with SIGBUS
-    mid-step instead of an error at start."""
+    all-reduce (it does only when ``LOCAL_SIZE`` equals the world size). GradSum sums the dense
+    gradients through it: 12 MB in 2 MB pieces 5.0 ms against gloo's 13.5 (2 processes, this
+    2-core machine, 2026-12-06). Left alone: several nodes, a GPU, a value already set,
+    ``SIGMA_MOE_SHM_ALLREDUCE=0``, and a /dev/shm without room for DeepSpeed's workspaces
+    (~69 MB a rank, written whole when created: on a smaller tmpfs, e.g. Docker's 64 MB default,
+    its init fails or crashes). Every rank reads the same /dev/shm before any workspace exists
+    (they are made after the rendezvous), so the ranks decide alike."""
     world, local = os.environ.get("WORLD_SIZE", "1"), os.environ.get("LOCAL_WORLD_SIZE")
     if torch.cuda.is_available() or world == "1" or local != world:
+        return
+    if os.environ.get("SIGMA_MOE_SHM_ALLREDUCE", "1") == "0":
         return
     try:
         st = os.statvfs("/dev/shm")

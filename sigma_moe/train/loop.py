@@ -147,17 +147,19 @@ class StepSums:
     def all_reduce(self, dp: int) -> None:
         """Sum over the data-parallel group (every rank then holds the global batch's): one
         float64 all-reduce of everything packed (each collective is a sync point that costs a
-        gloo round trip, ~0.5 ms on 2 CPU processes, plus whatever the ranks drift apart)."""
+        gloo round trip, ~0.25 ms for a few floats on 2 CPU processes, plus whatever the ranks
+        drift apart)."""
         scalars = torch.tensor(
             [self.lm, self.ce_all, self.n_valid, self.aux, self.weight, self.nonfinite],
             dtype=torch.float64,
         )
-        parts = [
+        parts = [  # on the CPU: entropy_L is on the model's device (all_reduce_ moves the one)
             scalars,
             torch.as_tensor(self.domain_expert_LKE, dtype=torch.float64),
             self.domain_losses.packed(),
             self.entropy_L,
         ]
+        parts = [t.detach().to("cpu", torch.float64) for t in parts]
         flat = all_reduce_(torch.cat([t.reshape(-1) for t in parts]))
         out = [v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in parts]), parts)]
         self.lm, self.ce_all, self.n_valid, self.aux, self.weight, self.nonfinite = out[0].tolist()

@@ -3,6 +3,7 @@ collective on both ranks and reports the all-to-alls an EP=2 step makes (5 a lay
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from sigma_moe.bench import train as bench_train
-from sigma_moe.train.engine import child_env
+from sigma_moe.train.engine import SHM_WORKSPACE_BYTES, child_env
 
 pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parents[2]
@@ -31,3 +32,7 @@ def test_collectives_are_timed_on_both_ranks(balanced):
     layers = bench_train._recipe(8, 4, True, 2, 2).build_model(8192).num_layers
     # a layer: the counts, the rows out and back, and the two backward exchanges
     assert calls == [5 * layers] * 2, p.stdout
+    # torchrun on one machine: the dense gradients went through shared memory on both ranks
+    st = os.statvfs("/dev/shm")
+    if st.f_bavail * st.f_frsize >= 2 * SHM_WORKSPACE_BYTES:
+        assert p.stdout.count("GradSum on shared memory: [True]") == 2, p.stdout

@@ -11,11 +11,16 @@ import pytest
 
 import sigma_moe.train.engine as E
 
+LOCAL_SIZE_AT_IMPORT = os.environ.get("LOCAL_SIZE")
+
 
 @pytest.fixture
 def env(monkeypatch):
-    for k in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
-        monkeypatch.delenv(k, raising=False)
+    for k in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SIGMA_MOE_SHM_ALLREDUCE"):
+        # setenv first: monkeypatch then restores the variable (or its absence) afterwards,
+        # including what _one_node_local_size writes behind its back
+        monkeypatch.setenv(k, "x")
+        monkeypatch.delenv(k)
     monkeypatch.setattr(E.torch.cuda, "is_available", lambda: False)
     return monkeypatch
 
@@ -51,6 +56,21 @@ def test_a_launchers_local_size_is_kept(env):
     _room(env, 10**12)
     E._one_node_local_size()
     assert os.environ["LOCAL_SIZE"] == "1"
+
+
+def test_switched_off_leaves_it_alone(env):
+    env.setenv("WORLD_SIZE", "2")
+    env.setenv("LOCAL_WORLD_SIZE", "2")
+    env.setenv("SIGMA_MOE_SHM_ALLREDUCE", "0")
+    _room(env, 10**12)
+    E._one_node_local_size()
+    assert "LOCAL_SIZE" not in os.environ
+
+
+def test_the_environment_is_restored():
+    """After the tests above (same module, run in order): no LOCAL_SIZE left behind for the
+    processes later tests spawn."""
+    assert os.environ.get("LOCAL_SIZE") == LOCAL_SIZE_AT_IMPORT
 
 
 def test_a_gpu_leaves_it_alone(env):
