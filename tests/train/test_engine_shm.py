@@ -49,34 +49,23 @@ def test_local_size_set_only_on_one_node_with_room(env, world, local, free_mb, w
     assert os.environ.get("LOCAL_SIZE") == want
 
 
-def test_a_launchers_local_size_is_kept(env):
+@pytest.mark.parametrize("case", ["launcher's value", "switched off", "gpu"])
+def test_left_alone(env, case):
+    """A launcher's LOCAL_SIZE is kept; SIGMA_MOE_SHM_ALLREDUCE=0 or a GPU sets none."""
     env.setenv("WORLD_SIZE", "2")
     env.setenv("LOCAL_WORLD_SIZE", "2")
-    env.setenv("LOCAL_SIZE", "1")
+    if case == "launcher's value":
+        env.setenv("LOCAL_SIZE", "1")
+    elif case == "switched off":
+        env.setenv("SIGMA_MOE_SHM_ALLREDUCE", "0")
+    else:
+        env.setattr(E.torch.cuda, "is_available", lambda: True)
     _room(env, 10**12)
     E._one_node_local_size()
-    assert os.environ["LOCAL_SIZE"] == "1"
-
-
-def test_switched_off_leaves_it_alone(env):
-    env.setenv("WORLD_SIZE", "2")
-    env.setenv("LOCAL_WORLD_SIZE", "2")
-    env.setenv("SIGMA_MOE_SHM_ALLREDUCE", "0")
-    _room(env, 10**12)
-    E._one_node_local_size()
-    assert "LOCAL_SIZE" not in os.environ
+    assert os.environ.get("LOCAL_SIZE") == ("1" if case == "launcher's value" else None)
 
 
 def test_the_environment_is_restored():
     """After the tests above (same module, run in order): no LOCAL_SIZE left behind for the
     processes later tests spawn."""
     assert os.environ.get("LOCAL_SIZE") == LOCAL_SIZE_AT_IMPORT
-
-
-def test_a_gpu_leaves_it_alone(env):
-    env.setenv("WORLD_SIZE", "2")
-    env.setenv("LOCAL_WORLD_SIZE", "2")
-    env.setattr(E.torch.cuda, "is_available", lambda: True)
-    _room(env, 10**12)
-    E._one_node_local_size()
-    assert "LOCAL_SIZE" not in os.environ
