@@ -49,7 +49,7 @@ def test_local_size_set_only_on_one_node_with_room(env, world, local, free_mb, w
     assert os.environ.get("LOCAL_SIZE") == want
 
 
-@pytest.mark.parametrize("case", ["launcher's value", "switched off", "gpu"])
+@pytest.mark.parametrize("case", ["launcher's value", "switched off", "cuda"])
 def test_left_alone(env, case):
     """A launcher's LOCAL_SIZE is kept; SIGMA_MOE_SHM_ALLREDUCE=0 or a GPU sets none."""
     env.setenv("WORLD_SIZE", "2")
