@@ -76,16 +76,17 @@ def _recipe(experts: int, steps: int, quick: bool, ep_size: int, procs: int = 1,
         "data.val_samples_per_domain=2",
         f"parallel.ep_size={ep_size}",
     ]
+    if solo_of > 1 or procs > 1:  # the recipe's own global batch, to split
+        full_batch = load_config(path, []).train.global_batch_size
     if solo_of > 1:
-        G = load_config(path, []).train.global_batch_size // solo_of
+        G = full_batch // solo_of
         if experts % solo_of or G < 1:
             raise ValueError(f"ours-solo: {solo_of} processes must divide the experts ({experts}) "
                              "and the global batch")  # fmt: skip
         sets += [f"train.global_batch_size={G}", f"train.micro_batch_size={G}"]
         sets.append("parallel.zero_stage=0")  # as ours at EP=P (below)
     if procs > 1:
-        G = load_config(path, []).train.global_batch_size
-        sets.append(f"train.micro_batch_size={G // procs}")
+        sets.append(f"train.micro_batch_size={full_batch // procs}")
         # the AutoEP peer's stage (_ds_config: ZeRO-0), so both reduce gradients the same way
         # and neither shards its optimizer
         sets.append("parallel.zero_stage=0")

@@ -96,6 +96,11 @@ def _agreed(flags: list[bool]) -> list[bool]:
     return [bool(v) for v in t.tolist()]
 
 
+def shm_allreduce_allowed() -> bool:
+    """False where the user turned the shared-memory all-reduce off (SIGMA_MOE_SHM_ALLREDUCE=0)."""
+    return os.environ.get("SIGMA_MOE_SHM_ALLREDUCE", "1") != "0"
+
+
 def shm_sum_usable(group) -> bool:
     """Whether DeepSpeed's shared-memory all-reduce (``deepspeed.comm.inference_all_reduce`` on
     its CPU accelerator) may sum fp32 CPU tensors over `group` instead of gloo.
@@ -108,7 +113,7 @@ def shm_sum_usable(group) -> bool:
     workspace and crashes), so: a gloo group that is the whole world, the op built, its fp32
     kernel runnable here. Every rank sums the slots in rank order, so all ranks hold the same
     bits (with two ranks, a + b: gloo's result). ``SIGMA_MOE_SHM_ALLREDUCE=0`` turns it off."""
-    if os.environ.get("SIGMA_MOE_SHM_ALLREDUCE", "1") == "0" or not dist.is_initialized():
+    if not shm_allreduce_allowed() or not dist.is_initialized():
         return False
     world = dist.get_world_size()
     if world < 2 or dist.get_world_size(group) != world or dist.get_backend(group) != "gloo":

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from sigma_moe.config import ParallelConfig, TrainConfig
+from sigma_moe.parallel.grad_sum import shm_allreduce_allowed
 from sigma_moe.parallel.wiring import moe_param_groups
 
 
@@ -113,15 +114,17 @@ def _one_node_local_size() -> None:
     world, local = os.environ.get("WORLD_SIZE", "1"), os.environ.get("LOCAL_WORLD_SIZE")
     if torch.cuda.is_available() or world == "1" or local != world:
         return
-    if os.environ.get("SIGMA_MOE_SHM_ALLREDUCE", "1") == "0":
-        return
+    if shm_allreduce_allowed() and shm_has_room(int(local)):
+        os.environ.setdefault("LOCAL_SIZE", local)
+
+
+def shm_has_room(ranks: int) -> bool:
+    """Whether /dev/shm has room for `ranks` of DeepSpeed's all-reduce workspaces."""
     try:
         st = os.statvfs("/dev/shm")
     except OSError:
-        return
-    if st.f_bavail * st.f_frsize < int(local) * SHM_WORKSPACE_BYTES:
-        return
-    os.environ.setdefault("LOCAL_SIZE", local)
+        return False
+    return st.f_bavail * st.f_frsize >= ranks * SHM_WORKSPACE_BYTES
 
 
 def init_distributed() -> World:

@@ -5,8 +5,6 @@ gloo and over DeepSpeed's shared-memory all-reduce (every rank on one machine: L
 
 from __future__ import annotations
 
-import os
-
 import deepspeed
 import pytest
 import torch
@@ -15,7 +13,7 @@ from _dist import read_results, run_distributed, write_result
 from sigma_moe.model import SigmaMoEConfig, SigmaMoEForCausalLM
 from sigma_moe.parallel import ep_rank_for, grad_sum, moe_param_groups, wire_expert_parallel
 from sigma_moe.parallel.grad_sum import GradSum, can_sum_gradients
-from sigma_moe.train.engine import SHM_WORKSPACE_BYTES
+from sigma_moe.train.engine import shm_has_room
 
 pytestmark = pytest.mark.distributed
 
@@ -99,18 +97,10 @@ def _worker(rank: int, world: int, ep: int, out_dir: str, shm: bool) -> None:
     )
 
 
-def _shm_room(world: int) -> bool:
-    try:
-        st = os.statvfs("/dev/shm")
-    except OSError:
-        return False
-    return st.f_bavail * st.f_frsize >= world * SHM_WORKSPACE_BYTES
-
-
 @pytest.mark.parametrize("shm", [False, True], ids=["gloo", "shm"])
 @pytest.mark.parametrize("world,ep", [(2, 2), (4, 2)])
 def test_grad_sum_matches_deepspeed_bitwise(tmp_path, world, ep, shm):
-    if shm and not _shm_room(world):
+    if shm and not shm_has_room(world):
         pytest.skip(f"/dev/shm has no room for {world} DeepSpeed workspaces")
     env = {"LOCAL_SIZE": str(world)} if shm else {}
     run_distributed(_worker, world, ep, str(tmp_path), shm, init="deepspeed", env=env)
