@@ -48,6 +48,11 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="throughput: also live-scorer runs with rho1.scorer_nice=N for each N",
     )
+    ap.add_argument(
+        "--bf16",
+        action="store_true",
+        help="throughput: also rho1.reference_dtype=bf16 runs (side process and inline)",
+    )
     a = ap.parse_args(argv)
     if a.throughput_only:
         if a.reference is None:
@@ -61,12 +66,15 @@ def main(argv: list[str] | None = None) -> int:
             a.select_ratio,
             a.seed,
             scorer_nice=a.scorer_nice,
+            bf16=a.bf16,
         )
         for k, v in t["tokens_per_s"].items():
-            print(f"{k:<12} {v:8.0f} tokens/s (steps)  {t['tokens_per_s_wall'][k]:8.0f} (wall)")
+            print(f"{k:<18} {v:8.0f} tokens/s (steps)  {t['tokens_per_s_wall'][k]:8.0f} (wall)")
         for k, v in t.items():
             if k.startswith(("throughput_ratio_live", "throughput_ratio_inline")):
                 print(f"{k[len('throughput_ratio_') :]:<24} {v:.3f}")
+        if "bf16_vs_fp32_store" in t:
+            print("bf16 vs fp32 store:", t["bf16_vs_fp32_store"])
         return 0
     res = run_rho1_experiment(
         a.out,

@@ -37,6 +37,7 @@ def test_set_overrides_are_yaml_typed():
         ("train.max_steps=0", "train.max_steps"),
         ("rho1.select_ratio=1.5", "rho1.select_ratio"),
         ("rho1.scorer_nice=20", "rho1.scorer_nice"),
+        ("rho1.reference_dtype=fp16", "rho1.reference_dtype"),
         ("model.lb_loss_type=sometimes", "model.lb_loss_type"),
         ("data.domains=[{name: a, wieght: 1}]", "data.domains[0].wieght"),
         ("parallel.zero_stage=3", "parallel.zero_stage"),

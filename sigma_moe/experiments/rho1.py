@@ -41,7 +41,8 @@ from sigma_moe.data.batch import IGNORE_INDEX, masked_labels
 from sigma_moe.data.dataset import build_val_datasets, collate
 from sigma_moe.data.tokenizer import BUNDLED_VOCAB_SIZE, load_tokenizer
 from sigma_moe.model.inference import load_model_for_inference
-from sigma_moe.rho1.reference import load_reference, score_batch
+from sigma_moe.rho1.compare import compare_stores
+from sigma_moe.rho1.reference import load_reference, reference_dtype, score_batch
 from sigma_moe.rho1.score_cli import prefill
 from sigma_moe.rho1.selection import token_weights
 from sigma_moe.run import run_training
@@ -128,7 +129,7 @@ def _passages(target_ckpt: Path, ref_path: Path, cfg, ratio: float, n_per_domain
     selection with one threshold over the whole set (as a global batch would)."""
     tok = load_tokenizer(cfg.data.tokenizer)
     model, _, _ = load_model_for_inference(target_ckpt)
-    ref = load_reference(ref_path, tok)
+    ref = load_reference(ref_path, tok, dtype=reference_dtype(cfg))
     val = build_val_datasets(cfg.data.domains, cfg.data.seq_len, tok, max_samples_per_domain=8)
     samples, names = [], []
     for name, ds in val.items():
@@ -444,12 +445,15 @@ def measure_throughput(
     select_ratio: float = 0.6,
     seed: int = 1234,
     scorer_nice: Sequence[int] = (),
+    bf16: bool = False,
 ) -> dict[str, Any]:
     """Whole-run tokens/s of mode=none vs excess with the live scorer side process vs excess
     scored inline (the trainer's own threads score on demand) vs excess from a prefilled store,
     interleaved (none, live, inline, prefilled, none, …) so a shared machine's load drifts into
     every variant alike. ``scorer_nice``: more live variants, ``live_scorer_nice<N>`` with
-    ``rho1.scorer_nice=N`` (``live_scorer`` keeps the recipe's). Writes
+    ``rho1.scorer_nice=N`` (``live_scorer`` keeps the recipe's). ``bf16``: also
+    ``live_scorer_bf16`` and ``inline_bf16`` (``rho1.reference_dtype=bf16``), and how far the
+    bf16 side process's store is from the fp32 one (``compare_stores``). Writes
     ``out/rho1_throughput.json``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -469,6 +473,14 @@ def measure_throughput(
         "live_scorer": [],  # a fresh store per repeat: the scorer must really keep pace
         **{f"live_scorer_nice{n}": [f"rho1.scorer_nice={n}"] for n in scorer_nice},
         "inline": ["rho1.scorer=inline"],  # scored on demand: a fresh store per repeat too
+        **(
+            {
+                "live_scorer_bf16": ["rho1.reference_dtype=bf16"],
+                "inline_bf16": ["rho1.scorer=inline", "rho1.reference_dtype=bf16"],
+            }
+            if bf16
+            else {}
+        ),
         "prefilled": load_config(
             cfg_file, slm + ["rho1.scorer=prefilled", f"rho1.store={pre_store}"]
         ),
@@ -515,6 +527,12 @@ def measure_throughput(
     res["throughput_ratio_inline_vs_none"] = tp["inline"] / tp["none"]
     for n in scorer_nice:
         res[f"throughput_ratio_live_nice{n}_vs_none"] = tp[f"live_scorer_nice{n}"] / tp["none"]
+    if bf16:
+        res["throughput_ratio_live_bf16_vs_none"] = tp["live_scorer_bf16"] / tp["none"]
+        res["throughput_ratio_inline_bf16_vs_none"] = tp["inline_bf16"] / tp["none"]
+        res["bf16_vs_fp32_store"] = compare_stores(
+            out / "store-live_scorer-0", out / "store-live_scorer_bf16-0", select_ratio
+        )
     (out / "rho1_throughput.json").write_text(json.dumps(res, indent=1, default=str))
     return res
 

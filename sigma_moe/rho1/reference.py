@@ -84,13 +84,39 @@ def is_hf_folder(p: Path) -> bool:
     return (p / "config.json").is_file() and not (p / "meta.json").is_file()
 
 
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def reference_dtype(cfg) -> str:
+    """``rho1.reference_dtype`` resolved: ``auto`` follows ``train.precision``."""
+    d = cfg.rho1.reference_dtype
+    return cfg.train.precision if d == "auto" else d
+
+
+def _torch_dtype(dtype: str) -> torch.dtype:
+    if dtype not in _DTYPES:
+        raise ValueError(f"rho1.reference_dtype must be one of {list(_DTYPES)}, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def _with_dtype(fingerprint: str, dtype: str) -> str:
+    """The store's reference fingerprint: a bf16 forward gives other losses than fp32."""
+    _torch_dtype(dtype)
+    return fingerprint if dtype == "fp32" else f"{fingerprint}:{dtype}"
+
+
 def load_reference(
-    path: str | os.PathLike, tokenizer: Any = "bundled", device: str | torch.device = "cpu"
+    path: str | os.PathLike,
+    tokenizer: Any = "bundled",
+    device: str | torch.device = "cpu",
+    dtype: str = "fp32",
 ) -> ReferenceModel:
     """Load the frozen reference (eval mode, no grads) and check its tokenizer against ours.
 
     ``tokenizer``: a ``sigma_moe.data.tokenizer.Tokenizer`` or a spec (``"bundled"``, a path).
+    ``dtype``: ``rho1.reference_dtype`` ("fp32" or "bf16"); the losses are returned in fp32.
     """
+    torch_dtype = _torch_dtype(dtype)  # a bad value fails before any loading
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(
@@ -105,6 +131,9 @@ def load_reference(
     ref.model.eval()
     for prm in ref.model.parameters():
         prm.requires_grad_(False)
+    if torch_dtype != torch.float32:
+        ref.model.to(torch_dtype)
+        ref.fingerprint = _with_dtype(ref.fingerprint, dtype)
     return ref
 
 
@@ -212,13 +241,15 @@ def check_reference_tokenizer(path: str | os.PathLike, tokenizer: Any = "bundled
     _checked_checkpoint(p, tok_fp)
 
 
-def reference_fingerprint(path: str | os.PathLike) -> str:
-    """The fingerprint ``load_reference(path).fingerprint`` has, without loading the model."""
+def reference_fingerprint(path: str | os.PathLike, dtype: str = "fp32") -> str:
+    """The fingerprint ``load_reference(path, dtype=dtype).fingerprint`` has, without loading
+    the model."""
     p = Path(path).expanduser()
     if is_hf_folder(p):
-        return f"transformers:{_weights_fingerprint(p, [p / 'config.json'])}"
+        return _with_dtype(f"transformers:{_weights_fingerprint(p, [p / 'config.json'])}", dtype)
     ckpt = resolve_checkpoint(p)
-    return f"sigma-moe:{_weights_fingerprint(ckpt, [ckpt / 'meta.json', ckpt / 'config.yaml'])}"
+    fp = _weights_fingerprint(ckpt, [ckpt / "meta.json", ckpt / "config.yaml"])
+    return _with_dtype(f"sigma-moe:{fp}", dtype)
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from sigma_moe.config import load_config
-from sigma_moe.rho1.reference import load_reference
+from sigma_moe.rho1.reference import load_reference, reference_dtype
 
 from .scoring import (
     as_run_config,
@@ -43,7 +43,9 @@ def prefill(
             "order to prefill; train with rho1.scorer=process (it scores the mixer's plan)"
         )
     ds = build_dataset(cfg, num_samples)
-    ref = load_reference(reference, ds.tokenizer, device=default_device())
+    ref = load_reference(
+        reference, ds.tokenizer, device=default_device(), dtype=reference_dtype(cfg)
+    )
     store = open_store(store_path, ds, "w", ref.fingerprint)
     n = min(int(num_samples or default_num_samples(cfg)), len(ds))
     bs = int(batch_size or cfg.rho1.scorer_batch_size)

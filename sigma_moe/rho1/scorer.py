@@ -43,6 +43,7 @@ from sigma_moe import _threads
 from sigma_moe.rho1.reference import (
     check_reference_tokenizer,
     load_reference,
+    reference_dtype,
     reference_fingerprint,
 )
 from sigma_moe.rho1.store import META
@@ -128,7 +129,7 @@ class _PrefilledMode(_Mode):
         sup = self.sup
         ref_fp = None
         if sup.reference_path and Path(sup.reference_path).expanduser().exists():
-            ref_fp = reference_fingerprint(sup.reference_path)
+            ref_fp = reference_fingerprint(sup.reference_path, reference_dtype(sup.cfg))
         try:
             return open_store(sup.store_path, ds, "r", ref_fp)
         except (FileNotFoundError, ValueError) as e:
@@ -150,7 +151,12 @@ class _InlineMode(_Mode):
     def open(self, ds):
         sup = self.sup
         try:
-            self.ref = load_reference(sup.reference_path, ds.tokenizer, device=sup.device)
+            self.ref = load_reference(
+                sup.reference_path,
+                ds.tokenizer,
+                device=sup.device,
+                dtype=reference_dtype(sup.cfg),
+            )
             return open_store(sup.store_path, ds, "w", self.ref.fingerprint)
         except (FileNotFoundError, ValueError) as e:
             raise ScorerError(f"scorer cannot start: {e}") from e

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from sigma_moe.data.tokenizer import load_tokenizer
-from sigma_moe.rho1.reference import load_reference
+from sigma_moe.rho1.reference import load_reference, reference_dtype
 
 from .scoring import (
     SampleOwner,
@@ -73,7 +73,7 @@ def run_worker(args: WorkerArgs, pos, written, heartbeat, ready, stop, errq, pla
         tok = load_tokenizer(cfg.data.tokenizer)
         # The reference first: the likelier failure, and cheaper to import than megatron.
         what = f"loading the reference model {args.reference!r}"
-        ref = load_reference(args.reference, tok, device=args.device)
+        ref = load_reference(args.reference, tok, device=args.device, dtype=reference_dtype(cfg))
         what = "building the training dataset"
         ds = build_dataset(cfg, args.num_samples, tok)
         what = f"opening the reference-loss store {args.store!r}"

@@ -5,8 +5,14 @@ import torch
 import torch.nn.functional as F
 from _rho1_helpers import make_hf_reference, make_ours_reference
 
+from sigma_moe.config import RunConfig
 from sigma_moe.data.tokenizer import BUNDLED_TOKENIZER_PATH, load_tokenizer
-from sigma_moe.rho1.reference import load_reference, score_batch
+from sigma_moe.rho1.reference import (
+    load_reference,
+    reference_dtype,
+    reference_fingerprint,
+    score_batch,
+)
 
 
 def _batch(vocab, B=2, S=12):
@@ -81,3 +87,42 @@ def test_missing_reference(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="neither"):
         load_reference(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("which", ["ours", "hf"])
+def test_bf16_reference(which, ours_reference, hf_reference):
+    """rho1.reference_dtype=bf16: weights in bf16, losses returned in fp32 within bf16's error
+    of the fp32 forward, and a fingerprint of its own (a store scored in fp32 is not reused)."""
+    path = ours_reference if which == "ours" else hf_reference
+    ref32 = load_reference(path, "bundled")
+    ref16 = load_reference(path, "bundled", dtype="bf16")
+    assert {p.dtype for p in ref16.model.parameters()} == {torch.bfloat16}
+    assert ref16.fingerprint == f"{ref32.fingerprint}:bf16"
+    assert reference_fingerprint(path, "bf16") == ref16.fingerprint
+    assert reference_fingerprint(path) == ref32.fingerprint
+    ids, labels = _batch(load_tokenizer("bundled").vocab_size)
+    ce32, ce16 = score_batch(ref32, ids, labels), score_batch(ref16, ids, labels)
+    assert ce16.dtype == torch.float32 and (ce16[0, :3] == 0).all()
+    diff = (ce16 - ce32).abs()
+    print(f"{which}: |bf16 - fp32| mean {diff.mean():.2e}, max {diff.max():.2e}")
+    assert 0 < diff.max() < 0.05 * ce32.abs().max()  # bf16 differs, by bf16's rounding only
+
+
+def test_bad_reference_dtype(ours_reference):
+    with pytest.raises(ValueError, match=r"rho1.reference_dtype .*'fp16'"):
+        load_reference(ours_reference, "bundled", dtype="fp16")
+
+
+@pytest.mark.parametrize(
+    "setting, precision, want",
+    [
+        ("auto", "fp32", "fp32"),
+        ("auto", "bf16", "bf16"),
+        ("fp32", "bf16", "fp32"),
+        ("bf16", "fp32", "bf16"),
+    ],
+)
+def test_reference_dtype_auto_follows_train_precision(setting, precision, want):
+    cfg = RunConfig()
+    cfg.rho1.reference_dtype, cfg.train.precision = setting, precision
+    assert reference_dtype(cfg) == want

@@ -67,6 +67,25 @@ def test_inline_matches_direct_scoring(hf_reference, ds, tmp_path):
     assert rows.shape == (STEPS * G, 64) and (rows >= 0).all()
 
 
+def test_bf16_reference_in_the_side_process(hf_reference, ds, tmp_path):
+    """rho1.reference_dtype reaches the side process (it reads the run config): its store is
+    fingerprinted as bf16, its rows match inline bf16 scoring, and a prefilled run with an fp32
+    reference refuses that store."""
+    cfg16 = _cfg(hf_reference, scorer="process", reference_dtype="bf16")
+    with ScorerSupervisor(cfg16, tmp_path / "p", dataset=ds) as sup:
+        got = _train_like(sup, ds)
+        assert sup.store.meta["reference_fingerprint"].endswith(":bf16")
+    cfg16i = _cfg(hf_reference, scorer="inline", reference_dtype="bf16")
+    with ScorerSupervisor(cfg16i, tmp_path / "i", dataset=ds) as sup:
+        want = _train_like(sup, ds)
+    assert torch.allclose(got, want, atol=2e-3, rtol=1e-3)  # float16 store; thread counts differ
+    with ScorerSupervisor(_cfg(hf_reference, scorer="inline"), tmp_path / "f", dataset=ds) as sup:
+        fp32 = _train_like(sup, ds)
+    assert not torch.equal(got, fp32)
+    with pytest.raises(ScorerError, match="fingerprint"):
+        ScorerSupervisor(_cfg(hf_reference, scorer="prefilled"), tmp_path / "p", dataset=ds).start()
+
+
 def test_process_crash_restart_same_losses(hf_reference, ds, tmp_path):
     inline = ScorerSupervisor(_cfg(hf_reference, scorer="inline"), tmp_path / "a", dataset=ds)
     with inline:

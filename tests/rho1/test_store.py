@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from sigma_moe.rho1.compare import compare_stores
 from sigma_moe.rho1.store import RefLossStore, StoreMetaError
 
 S = 16
@@ -118,3 +119,29 @@ def test_concurrent_reader_writer(tmp_path):
     p.join(30)
     assert p.exitcode == 0
     assert len(seen) == 200
+
+
+def test_compare_stores(tmp_path):
+    """Over the common rows only: loss differences on valid tokens and the selection change."""
+    a = _store(tmp_path / "a", dtype="float32")
+    b = _store(tmp_path / "b", dtype="float32", reference_fingerprint="refA:bf16")
+    g = torch.Generator().manual_seed(0)
+    for i in range(8):
+        row = torch.rand(S, generator=g) * 5 + 1
+        row[:2] = 0  # masked tokens
+        a.put("prose", i, row)
+        moved = row.clone()
+        if i == 3:  # one row: its two best tokens for mode=reference (lowest loss) get worse
+            best = torch.topk(-row[2:], 2).indices + 2
+            moved[best] += 10.0
+        b.put("prose", i, moved)
+    a.put("prose", 9, torch.ones(S))  # only in a: not compared
+    a.flush(), b.flush()
+    r = compare_stores(tmp_path / "a", tmp_path / "b", ratio=0.5, batch=8)
+    assert r["rows"] == 8 and r["tokens"] == 8 * (S - 2)
+    assert r["abs_diff_max"] == pytest.approx(10.0)
+    assert r["abs_diff_mean"] == pytest.approx(20.0 / (8 * (S - 2)))
+    # the two tokens drop out of the batch's top half and two others come in: 4 changed
+    assert r["selection_changed"] == pytest.approx(4 / (8 * (S - 2)))
+    with pytest.raises(ValueError, match="no row in common"):
+        compare_stores(tmp_path / "a", _store(tmp_path / "c").root)
