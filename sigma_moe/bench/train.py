@@ -224,7 +224,7 @@ def train_peer(cfg, model, opt, ds, sampler, steps: int, rank: int = 0, nproc: i
                 torch.nn.utils.clip_grad_norm_(params, tr.grad_clip, foreach=True)
             opt.step()
             opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         times.append(time.perf_counter() - t0)
     return times, losses
 

@@ -102,8 +102,8 @@ class Rho1Config:
     # A checkpoint folder of ours or a transformers model folder with the same tokenizer.
     reference: str | None = None
     # The reference's forward dtype; auto: train.precision. bf16 (the Rho-1 paper's reference
-    # ran in bf16) is ~1.4x faster on CPUs with AVX-512 BF16 and on GPUs; it moves per-token
-    # reference losses by ~1e-3 (docs/rho1.md) and is part of the store's reference fingerprint.
+    # ran in bf16) is ~1.4x faster on CPUs with AVX-512 BF16 and on GPUs; it moves reference
+    # losses by ~4e-3 on average and 0.04% of the selection (docs/rho1.md); a store remembers it.
     reference_dtype: Literal["auto", "fp32", "bf16"] = "auto"
     # Reference-loss store folder; default: <run_dir>/ref_store.
     store: str | None = None

@@ -436,6 +436,35 @@ def _colour_tokens(args, out: Path, ref_path, slm_cfg) -> dict[str, Any]:
         return {}
 
 
+_RUN_KEYS = ("tokens", "train_steps_s", "wall_s", "tokens_per_s", "tokens_per_s_wall")
+
+
+def _throughput_variants(scorer_nice: Sequence[int], bf16: bool) -> dict[str, list[str]]:
+    """Per scored variant, its overrides on top of the live side process's (each run gets a
+    fresh store: the scorer must really keep pace)."""
+    variants = {
+        "live_scorer": [],
+        **{f"live_scorer_nice{n}": [f"rho1.scorer_nice={n}"] for n in scorer_nice},
+        "inline": ["rho1.scorer=inline"],  # scored on demand: a fresh store per repeat too
+    }
+    if bf16:
+        variants["live_scorer_bf16"] = ["rho1.reference_dtype=bf16"]
+        variants["inline_bf16"] = ["rho1.scorer=inline", "rho1.reference_dtype=bf16"]
+    return variants
+
+
+def _throughput_ratios(tp: dict[str, float]) -> dict[str, float]:
+    ratios = {
+        "throughput_ratio_live_vs_prefilled": tp["live_scorer"] / tp["prefilled"],
+        "throughput_ratio_prefilled_vs_none": tp["prefilled"] / tp["none"],
+    }
+    for name in tp:
+        if name.startswith(("live_scorer", "inline")):
+            short = name.replace("live_scorer", "live")
+            ratios[f"throughput_ratio_{short}_vs_none"] = tp[name] / tp["none"]
+    return ratios
+
+
 def measure_throughput(
     out: str | os.PathLike,
     reference: str | os.PathLike,
@@ -470,17 +499,7 @@ def measure_throughput(
     pre_store = out / "store-prefilled"
     variants = {
         "none": load_config(cfg_file, base + ["rho1.mode=none"]),
-        "live_scorer": [],  # a fresh store per repeat: the scorer must really keep pace
-        **{f"live_scorer_nice{n}": [f"rho1.scorer_nice={n}"] for n in scorer_nice},
-        "inline": ["rho1.scorer=inline"],  # scored on demand: a fresh store per repeat too
-        **(
-            {
-                "live_scorer_bf16": ["rho1.reference_dtype=bf16"],
-                "inline_bf16": ["rho1.scorer=inline", "rho1.reference_dtype=bf16"],
-            }
-            if bf16
-            else {}
-        ),
+        **_throughput_variants(scorer_nice, bf16),
         "prefilled": load_config(
             cfg_file, slm + ["rho1.scorer=prefilled", f"rho1.store={pre_store}"]
         ),
@@ -489,22 +508,11 @@ def measure_throughput(
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in variants}
     for r in range(repeats):
         for name, cfg in variants.items():
-            if isinstance(cfg, list):  # the live variants: a fresh store each run
+            if isinstance(cfg, list):  # the scored variants: a fresh store each run
                 live = ["rho1.scorer=process", f"rho1.store={out / f'store-{name}-{r}'}"]
                 cfg = load_config(cfg_file, slm + live + cfg)
             res = _train(cfg, out / f"{name}-{r}", f"throughput {name} #{r}")
-            runs[name].append(
-                {
-                    k: res[k]
-                    for k in (
-                        "tokens",
-                        "train_steps_s",
-                        "wall_s",
-                        "tokens_per_s",
-                        "tokens_per_s_wall",
-                    )
-                }
-            )
+            runs[name].append({k: res[k] for k in _RUN_KEYS})
 
     def agg(name: str, key: str) -> float:
         xs = runs[name]
@@ -520,16 +528,8 @@ def measure_throughput(
         "tokens_per_s_wall": {k: agg(k, "tokens_per_s_wall") for k in runs},
         "prefill": fill,
     }
-    tp = res["tokens_per_s"]
-    res["throughput_ratio_live_vs_none"] = tp["live_scorer"] / tp["none"]
-    res["throughput_ratio_prefilled_vs_none"] = tp["prefilled"] / tp["none"]
-    res["throughput_ratio_live_vs_prefilled"] = tp["live_scorer"] / tp["prefilled"]
-    res["throughput_ratio_inline_vs_none"] = tp["inline"] / tp["none"]
-    for n in scorer_nice:
-        res[f"throughput_ratio_live_nice{n}_vs_none"] = tp[f"live_scorer_nice{n}"] / tp["none"]
+    res.update(_throughput_ratios(res["tokens_per_s"]))
     if bf16:
-        res["throughput_ratio_live_bf16_vs_none"] = tp["live_scorer_bf16"] / tp["none"]
-        res["throughput_ratio_inline_bf16_vs_none"] = tp["inline_bf16"] / tp["none"]
         res["bf16_vs_fp32_store"] = compare_stores(
             out / "store-live_scorer-0", out / "store-live_scorer_bf16-0", select_ratio
         )

@@ -12,10 +12,22 @@ from sigma_moe.rho1.store import RefLossStore
 
 
 def _common_rows(a: RefLossStore, b: RefLossStore) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows both hold, as [N, S] each: only stores of the same samples are comparable (same
+    seq_len; per common domain the same size and identity, i.e. seed and order)."""
+    if a.meta["seq_len"] != b.meta["seq_len"]:
+        raise ValueError(
+            f"stores {a.root} and {b.root} differ in seq_len: "
+            f"{a.meta['seq_len']} vs {b.meta['seq_len']}"
+        )
     rows_a, rows_b = [], []
     for name, info in a.meta["domains"].items():
         if name not in b.meta["domains"]:
             continue
+        if b.meta["domains"][name] != info:
+            raise ValueError(
+                f"stores {a.root} and {b.root} hold different samples of domain {name!r}: "
+                f"{info} vs {b.meta['domains'][name]}"
+            )
         for i in range(int(info["size"])):
             if a.has(name, i) and b.has(name, i):
                 rows_a.append(a.get(name, i))

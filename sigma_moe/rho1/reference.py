@@ -125,14 +125,18 @@ def load_reference(
         )
     tok_fp, tok_vocab = _tokenizer_fp(tokenizer)
     if is_hf_folder(p):
-        ref = _load_hf(p, tok_fp, tok_vocab, device)
+        ref = _load_hf(p, tok_fp, tok_vocab, device, torch_dtype)
     else:
         ref = _load_ours(p, tok_fp, device)
     ref.model.eval()
     for prm in ref.model.parameters():
         prm.requires_grad_(False)
     if torch_dtype != torch.float32:
-        ref.model.to(torch_dtype)
+        # Ours: every buffer it computes with is rebuilt in fp32 per call (the RoPE tables).
+        # transformers' models are loaded in the dtype (from_pretrained keeps their fp32
+        # buffers, e.g. RoPE's inv_freq, which a blanket .to() would round).
+        if ref.kind == "sigma-moe":
+            ref.model.to(torch_dtype)
         ref.fingerprint = _with_dtype(ref.fingerprint, dtype)
     return ref
 
@@ -172,7 +176,9 @@ def _load_ours(p: Path, tok_fp: str, device) -> ReferenceModel:
     )
 
 
-def _load_hf(p: Path, tok_fp: str, tok_vocab: int, device) -> ReferenceModel:
+def _load_hf(
+    p: Path, tok_fp: str, tok_vocab: int, device, dtype: torch.dtype = torch.float32
+) -> ReferenceModel:
     # transformers loads in ~3 s: only when the reference is one of its folders.
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -198,9 +204,7 @@ def _load_hf(p: Path, tok_fp: str, tok_vocab: int, device) -> ReferenceModel:
             f"from this run's tokenizer vocab size {tok_vocab}: the reference must use the same "
             "tokenizer"
         )
-    model = AutoModelForCausalLM.from_pretrained(p, local_files_only=True, dtype=torch.float32).to(
-        device
-    )
+    model = AutoModelForCausalLM.from_pretrained(p, local_files_only=True, dtype=dtype).to(device)
     fp = _weights_fingerprint(p, [p / "config.json"])
     return ReferenceModel(
         model=model,

@@ -44,7 +44,6 @@ from sigma_moe.rho1.reference import (
     check_reference_tokenizer,
     load_reference,
     reference_dtype,
-    reference_fingerprint,
 )
 from sigma_moe.rho1.store import META
 
@@ -56,6 +55,7 @@ from .scoring import (
     default_device,
     default_num_samples,
     open_store,
+    open_store_checked,
     score_samples,
 )
 
@@ -126,12 +126,10 @@ class _PrefilledMode(_Mode):
     needs_reference = False
 
     def open(self, ds):
-        sup = self.sup
-        ref_fp = None
-        if sup.reference_path and Path(sup.reference_path).expanduser().exists():
-            ref_fp = reference_fingerprint(sup.reference_path, reference_dtype(sup.cfg))
         try:
-            return open_store(sup.store_path, ds, "r", ref_fp)
+            return open_store_checked(
+                self.sup.store_path, ds, self.sup.cfg, self.sup.reference_path
+            )
         except (FileNotFoundError, ValueError) as e:
             raise ScorerError(f"rho1.scorer=prefilled: {e}") from e
 
@@ -190,7 +188,10 @@ class _FollowerMode(_Mode):
                     f"{self.patience():g} s: the node's scorer (local rank 0) did not start"
                 )
             time.sleep(0.05)
-        return open_store(sup.store_path, ds, "r")
+        try:
+            return open_store_checked(sup.store_path, ds, sup.cfg, sup.reference_path)
+        except ValueError as e:
+            raise ScorerError(f"the node's Rho-1 store: {e}") from e
 
     def fetch(self, keys, timeout: float):
         store, patience = self.sup.store, self.patience()

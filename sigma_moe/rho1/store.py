@@ -45,6 +45,15 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
     write_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
+def _dtype_hint(stored: str, given: str) -> str:
+    """Fingerprints of one reference scored in another dtype (``…:bf16``) name the setting."""
+    base = stored.removesuffix(":bf16")
+    if base != given.removesuffix(":bf16"):
+        return ""
+    dtype = "bf16" if stored != base else "fp32"
+    return f" Same reference, other dtype: rho1.reference_dtype={dtype} reuses this store."
+
+
 class RefLossStore:
     """Per-domain memory-mapped arrays of per-token reference losses.
 
@@ -171,6 +180,7 @@ class RefLossStore:
         return StoreMetaError(
             f"reference-loss store {self.root}: {what} differs — the store has {stored!r}, "
             f"this run has {given!r}. Use a different rho1.store folder (or delete this one)."
+            + (_dtype_hint(str(stored), str(given)) if what == "reference fingerprint" else "")
         )
 
     def _validate(self, meta, names, sizes, seq_len, tok_fp, ref_fp, identities) -> None:

@@ -63,19 +63,29 @@ def _entry(rank: int, fn, world_size: int, port: int, init: str, args: tuple, en
     # Done: leave without the interpreter's teardown. Process groups that DeepSpeed's `groups`
     # module (and the layers) still reference are otherwise destroyed by C++ static destructors at
     # exit; twice in fresh-clone CI runs (2026-12-01, 2026-12-06) rank 0 of a DeepSpeed-initialised
-    # test died there with SIGABRT ("terminate called without an active exception") after its
-    # work, and neither reproduced in 100+ runs alone or under load.
+    # test died with SIGABRT ("terminate called without an active exception") within ~2 s of
+    # its start, and neither reproduced in 150+ runs alone or under load. What os._exit skips:
+    # atexit handlers, daemon children and unflushed multiprocessing queues (no test uses them
+    # after fn returns) and coverage data (not collected here); a worker whose fn raised still
+    # exits normally, so its error reaches the parent.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
 
 
 def run_distributed(
-    fn, world_size: int, *args, init: str = "torch", env: dict[str, str] | None = None
+    fn,
+    world_size: int,
+    *args,
+    init: str = "torch",
+    env: dict[str, str] | None = None,
+    retry_on_signal: bool = False,
 ) -> None:
     """Run `fn(rank, world_size, *args)` in `world_size` fresh processes; a failure in any
-    process fails the call (the others are terminated; a process killed by a signal gets one
-    retry, with a warning). `init`: "torch" (a gloo process group),
+    process fails the call (the others are terminated). `retry_on_signal`: a process killed by
+    a signal gets one retry, with a warning -- only for an `fn` that can simply run again (it
+    writes its results afresh; a training run appending to its run folder cannot).
+    `init`: "torch" (a gloo process group),
     "nccl" (an NCCL process group, process r on GPU r),
     "deepspeed" (deepspeed.init_distributed on gloo) or "none" (only RANK, WORLD_SIZE,
     MASTER_ADDR/PORT... in the environment, as a launcher sets them). `env`: more variables
@@ -92,7 +102,7 @@ def run_distributed(
         except mp.ProcessExitedException as e:
             # One retry when a process is killed by a signal (SIGABRT/SIGSEGV in C++: see
             # _entry), never on a Python error (ProcessRaisedException); a second crash fails.
-            if attempt or e.signal_name is None:
+            if attempt or e.signal_name is None or not retry_on_signal:
                 raise
             warnings.warn(
                 f"distributed test: {e}; retrying once (faulthandler's trace above)", stacklevel=2

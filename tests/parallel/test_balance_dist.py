@@ -175,7 +175,7 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("balance_dist")
-    run_distributed(_worker, 2, str(out), init="deepspeed")  # retries a signal death once
+    run_distributed(_worker, 2, str(out), init="deepspeed", retry_on_signal=True)
     return read_results(out, 2)
 
 

@@ -103,7 +103,9 @@ def test_grad_sum_matches_deepspeed_bitwise(tmp_path, world, ep, shm):
     if shm and not shm_has_room(world):
         pytest.skip(f"/dev/shm has no room for {world} DeepSpeed workspaces")
     env = {"LOCAL_SIZE": str(world)} if shm else {}
-    run_distributed(_worker, world, ep, str(tmp_path), shm, init="deepspeed", env=env)
+    run_distributed(
+        _worker, world, ep, str(tmp_path), shm, init="deepspeed", retry_on_signal=True, env=env
+    )
     results = read_results(tmp_path, world)
     for r, res in enumerate(results):
         assert res["n_expert"] > 0 and res["n"] > res["n_expert"]

@@ -73,7 +73,7 @@ def _wire_worker(rank: int, world: int, ep: int, out_dir: str) -> None:
 
 @pytest.mark.distributed
 def test_wire_expert_parallel_four_processes(tmp_path):
-    run_distributed(_wire_worker, 4, 2, str(tmp_path), init="deepspeed")
+    run_distributed(_wire_worker, 4, 2, str(tmp_path), init="deepspeed", retry_on_signal=True)
     res = read_results(tmp_path, 4)
     for r, x in enumerate(res):
         assert x["ep_size"] == 2 and x["ep_rank"] == r % 2 and x["dp_size"] == 4

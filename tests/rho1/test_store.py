@@ -145,3 +145,8 @@ def test_compare_stores(tmp_path):
     assert r["selection_changed"] == pytest.approx(4 / (8 * (S - 2)))
     with pytest.raises(ValueError, match="no row in common"):
         compare_stores(tmp_path / "a", _store(tmp_path / "c").root)
+    with pytest.raises(ValueError, match="seq_len"):
+        compare_stores(tmp_path / "a", _store(tmp_path / "d", seq_len=S + 1).root)
+    other = _store(tmp_path / "e", domain_identities=["prose|seed=9", "webnoise|seed=9"])
+    with pytest.raises(ValueError, match="different samples of domain 'prose'"):
+        compare_stores(tmp_path / "a", other.root)
