@@ -30,6 +30,7 @@ from sigma_moe.data.tokenizer import _canonical_fingerprint, load_tokenizer
 from sigma_moe.model import SigmaMoEForCausalLM
 from sigma_moe.model.checkpoint_format import resolve_checkpoint
 from sigma_moe.model.inference import load_checked_for_inference
+from sigma_moe.rho1.store import fingerprint_with_dtype
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -100,9 +101,8 @@ def _torch_dtype(dtype: str) -> torch.dtype:
 
 
 def _with_dtype(fingerprint: str, dtype: str) -> str:
-    """The store's reference fingerprint: a bf16 forward gives other losses than fp32."""
-    _torch_dtype(dtype)
-    return fingerprint if dtype == "fp32" else f"{fingerprint}:{dtype}"
+    _torch_dtype(dtype)  # a bad value is an error here too
+    return fingerprint_with_dtype(fingerprint, dtype)
 
 
 def load_reference(

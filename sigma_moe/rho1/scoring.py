@@ -25,7 +25,7 @@ from sigma_moe.data.dataset import build_training_data, collate
 from sigma_moe.data.tokenizer import load_tokenizer
 from sigma_moe.errors import ScorerFailure
 from sigma_moe.rho1.reference import reference_dtype, reference_fingerprint, score_batch
-from sigma_moe.rho1.store import RefLossStore
+from sigma_moe.rho1.store import RefLossStore, fingerprint_dtype
 
 
 class ScorerError(ScorerFailure):
@@ -80,18 +80,17 @@ def open_store(store_path, ds, mode: str, reference_fingerprint: str | None = No
 
 def open_store_checked(store_path, ds, cfg, reference_path: str | None) -> RefLossStore:
     """Open a store read-only (a prefilled one, or the node's scorer's), checked against the
-    reference when its folder is here, else at least against ``rho1.reference_dtype``: a store
-    scored in the other dtype is refused."""
+    reference's fingerprint when its folder is here, else at least against
+    ``rho1.reference_dtype``: a store scored in the other dtype is refused."""
     dtype = reference_dtype(cfg)
-    ref_fp = None
     if reference_path and Path(reference_path).expanduser().exists():
-        ref_fp = reference_fingerprint(reference_path, dtype)
-    store = open_store(store_path, ds, "r", ref_fp)
+        return open_store(store_path, ds, "r", reference_fingerprint(reference_path, dtype))
+    store = open_store(store_path, ds, "r")
     stored = store.meta.get("reference_fingerprint")
-    if stored is not None and stored.endswith(":bf16") != (dtype == "bf16"):
+    if stored is not None and fingerprint_dtype(stored) != dtype:
         raise ValueError(
-            f"store {store_path} was scored by a {'bf16' if dtype == 'fp32' else 'fp32'} "
-            f"reference ({stored!r}) but rho1.reference_dtype resolves to {dtype}"
+            f"store {store_path} was scored by a {fingerprint_dtype(stored)} reference "
+            f"({stored!r}) but rho1.reference_dtype resolves to {dtype}"
         )
     return store
 

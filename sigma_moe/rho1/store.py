@@ -45,13 +45,28 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
     write_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
+_BF16 = ":bf16"  # a reference fingerprint's suffix when the reference ran in bf16
+
+
+def fingerprint_with_dtype(fingerprint: str, dtype: str) -> str:
+    """A reference's fingerprint as a store records it: its weights' and, for bf16, the dtype
+    (a bf16 forward gives other losses than fp32)."""
+    return fingerprint + _BF16 if dtype == "bf16" else fingerprint
+
+
+def fingerprint_dtype(fingerprint: str) -> str:
+    """The reference dtype ("fp32" or "bf16") a recorded fingerprint names."""
+    return "bf16" if fingerprint.endswith(_BF16) else "fp32"
+
+
 def _dtype_hint(stored: str, given: str) -> str:
-    """Fingerprints of one reference scored in another dtype (``…:bf16``) name the setting."""
-    base = stored.removesuffix(":bf16")
-    if base != given.removesuffix(":bf16"):
+    """Fingerprints of one reference scored in another dtype name the setting."""
+    if stored.removesuffix(_BF16) != given.removesuffix(_BF16):
         return ""
-    dtype = "bf16" if stored != base else "fp32"
-    return f" Same reference, other dtype: rho1.reference_dtype={dtype} reuses this store."
+    return (
+        f" Same reference, other dtype: rho1.reference_dtype={fingerprint_dtype(stored)} "
+        "reuses this store."
+    )
 
 
 class RefLossStore:
