@@ -15,7 +15,7 @@ import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timezone
 
 import torch
@@ -76,6 +76,16 @@ def describe_machine(info: dict) -> str:
 def _sync(device: torch.device | str | None) -> None:
     if device is not None and torch.device(device).type == "cuda":
         torch.cuda.synchronize()
+
+
+def rotated_rounds(names: Sequence[str], repeats: int) -> list[tuple[int, str]]:
+    """(round, name) for ``repeats`` interleaved rounds of fresh-process runs, each round's order
+    rotated by one (a, b, c / b, c, a / ...), so no candidate always runs first after the
+    previous one's exit or last before the next's start (a fixed order left every ``none`` run of
+    the eleventh pass's Rho-1 comparison first in its round)."""
+    names = list(names)
+    n = len(names) or 1
+    return [(r, names[(r + i) % n]) for r in range(repeats) for i in range(len(names))]
 
 
 def time_side_by_side(

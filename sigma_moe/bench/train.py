@@ -43,7 +43,13 @@ import torch
 import torch.nn.functional as F
 
 from sigma_moe import _malloc
-from sigma_moe.bench.common import describe_machine, machine_info, markdown_table, write_json
+from sigma_moe.bench.common import (
+    describe_machine,
+    machine_info,
+    markdown_table,
+    rotated_rounds,
+    write_json,
+)
 from sigma_moe.data.batch import masked_labels
 
 REPO = Path(__file__).resolve().parents[2]
@@ -373,9 +379,8 @@ def run(args) -> dict:
         for experts in args.experts:
             variants = _variants(nproc, args)
             runs: dict[str, list[dict]] = {v: [] for v in variants}
-            for _ in range(args.repeats):
-                for v in variants:
-                    runs[v].append(_launch(v, experts, nproc, args, args.timeout))
+            for _, v in rotated_rounds(variants, args.repeats):
+                runs[v].append(_launch(v, experts, nproc, args, args.timeout))
             rows += _summarise(experts, nproc, runs)
     info["loadavg_end"] = os.getloadavg()[0]
     return {"machine": info, "settings": _settings(args), "rows": rows}

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from sigma_moe.bench.common import rotated_rounds
 from sigma_moe.config import load_config
 from sigma_moe.data.batch import IGNORE_INDEX, masked_labels
 from sigma_moe.data.dataset import build_val_datasets, collate
@@ -478,8 +479,8 @@ def measure_throughput(
 ) -> dict[str, Any]:
     """Whole-run tokens/s of mode=none vs excess with the live scorer side process vs excess
     scored inline (the trainer's own threads score on demand) vs excess from a prefilled store,
-    interleaved (none, live, inline, prefilled, none, …) so a shared machine's load drifts into
-    every variant alike. ``scorer_nice``: more live variants, ``live_scorer_nice<N>`` with
+    interleaved, each round's order rotated by one (``rotated_rounds``), so a shared machine's
+    load drifts into every variant alike. ``scorer_nice``: more live variants, ``live_scorer_nice<N>`` with
     ``rho1.scorer_nice=N`` (``live_scorer`` keeps the recipe's). ``bf16``: also
     ``live_scorer_bf16`` and ``inline_bf16`` (``rho1.reference_dtype=bf16``), and how far the
     bf16 side process's store is from the fp32 one (``compare_stores``). Writes
@@ -506,13 +507,13 @@ def measure_throughput(
     }
     fill = prefill(variants["prefilled"], str(reference), str(pre_store), progress=False)
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in variants}
-    for r in range(repeats):
-        for name, cfg in variants.items():
-            if isinstance(cfg, list):  # the scored variants: a fresh store each run
-                live = ["rho1.scorer=process", f"rho1.store={out / f'store-{name}-{r}'}"]
-                cfg = load_config(cfg_file, slm + live + cfg)
-            res = _train(cfg, out / f"{name}-{r}", f"throughput {name} #{r}")
-            runs[name].append({k: res[k] for k in _RUN_KEYS})
+    for r, name in rotated_rounds(list(variants), repeats):
+        cfg = variants[name]
+        if isinstance(cfg, list):  # the scored variants: a fresh store each run
+            live = ["rho1.scorer=process", f"rho1.store={out / f'store-{name}-{r}'}"]
+            cfg = load_config(cfg_file, slm + live + cfg)
+        res = _train(cfg, out / f"{name}-{r}", f"throughput {name} #{r}")
+        runs[name].append({"round": r, **{k: res[k] for k in _RUN_KEYS}})
 
     def agg(name: str, key: str) -> float:
         xs = runs[name]
