@@ -221,6 +221,7 @@ def _case(T, D, F_, E, k, dev, reps, peak, with_peers=True, skew=0.25) -> list[d
             "layer": n,
             "median_ms": r["median_ms"],
             "min_ms": r["min_ms"],
+            "times_ms": [round(t, 2) for t in r["times_ms"]],  # per round: outliers show
             "x_dense_time": r["median_ms"] / res[dense_name]["median_ms"],
             "x_balanced_time": r["median_ms"] / res[ours]["median_ms"] if n == skewed else None,
             "gflops": rate / 1e9,

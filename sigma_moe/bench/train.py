@@ -42,7 +42,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sigma_moe import _malloc
 from sigma_moe.bench.common import (
     describe_machine,
     machine_info,
@@ -56,8 +55,7 @@ REPO = Path(__file__).resolve().parents[2]
 PEERS = ("hf", "hf-ourenv", "hf-ds0", "hf-ds1", "autoep")
 # What a peer's process gets unless it is hf-ourenv: libgomp's default spin count with no wait
 # policy (exactly its built-in default; _threads.py leaves both alone when one is set) and
-# glibc's own malloc thresholds (and torch's allocator without the huge pages _malloc asks
-# for; a THP_MEM_ALLOC_ENABLE the user exported stays).
+# glibc's own malloc thresholds (a THP_MEM_ALLOC_ENABLE the user exported reaches every variant).
 TORCH_DEFAULT_ENV = {"GOMP_SPINCOUNT": "300000", "SIGMA_MOE_MALLOPT": "0"}
 
 
@@ -301,10 +299,7 @@ def _launch_in(out: Path, variant: str, experts: int, nproc: int, args, timeout:
 
     env = child_env(TOKENIZERS_PARALLELISM="false")
     if variant not in ("ours", "hf-ourenv"):
-        ours_only = {"OMP_WAIT_POLICY"} | (
-            {"THP_MEM_ALLOC_ENABLE"} if _malloc.THP_SET_HERE else set()
-        )
-        env = {k: v for k, v in env.items() if k not in ours_only} | TORCH_DEFAULT_ENV
+        env = {k: v for k, v in env.items() if k != "OMP_WAIT_POLICY"} | TORCH_DEFAULT_ENV
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
