@@ -8,8 +8,8 @@ allocations then fault every page in again, and the kernel zeroes each one. Meas
 2-core VM (demo-cpu model, E=96, real batches, fp32, 2026-12-01): ~105,000 minor page faults
 and ~330 ms of system CPU time per ~900 ms training step. With the trim threshold at 1 GiB and
 the mmap threshold at its 32 MiB maximum (and the LM head's CE in chunks, whose temporaries stay
-under that threshold: sigma_moe_kernels/linear_ce.py), 1 fault and ~0-8 ms of system time per step, and
-the step median 940 -> 740 ms (4 alternating fresh-process rounds each).
+under that threshold: sigma_moe_kernels/linear_ce.py), 1 fault and ~0-8 ms of system time per
+step, and the step median 940 -> 740 ms (4 alternating fresh-process rounds each).
 
 A block over 32 MiB is still mmap'ed whatever the threshold (glibc's cap), and an MoE layer's
 expert weight gradients are such blocks: [96, 512, 256] fp32 is 48 MiB, three per layer, new
@@ -24,13 +24,14 @@ Transparent huge pages are *not* asked for. Sessions 8-11 also set torch's own s
 cut the faults (that layer 144-154 ms), but with mmap off a step faults nothing either way, and
 what is left of huge pages is their first touch, which on this VM (a Firecracker guest) is slow:
 the MoE layer's first fwd+bwd took 1.2 s of system time with them and 0.19 s without, and later
-steps faulted fresh huge pages again in bursts (one: 1,115 faults, 0.8 s of system time). Measured 2026-12-06 (s12), `sigma-moe train configs/demo-cpu.yaml`
-40 steps, 3 alternating fresh-process pairs, with / without: E=32 ZeRO-1 wall 34.7-36.0 /
-30.6-32.8 s, first 3 steps 0.7-1.3 s / 0.4-0.5 s each; E=96 ZeRO-0 wall 45.9-47.3 / 38.6-39.8 s,
-first step 2.6-3.0 / 0.54-0.63 s, steady median step 449-487 / 431-457 ms. The MoE layer alone
-(30 steps, 3 pairs): steady medians equal (82-93 / 78-91 ms) with 1-3 slow steps of 300-900 ms
-only with huge pages. A user who measures a gain on their machine sets THP_MEM_ALLOC_ENABLE=1;
-nothing here touches it.
+steps faulted fresh huge pages again in bursts (one: 1,115 faults, 0.8 s of system time).
+Measured 2026-12-06 (s12), `sigma-moe train configs/demo-cpu.yaml`, 40 steps, 3 alternating
+fresh-process pairs, with / without: E=32 ZeRO-1 wall 34.7-36.0 / 30.6-32.8 s, first 3 steps
+0.7-1.3 s / 0.4-0.5 s each; E=96 ZeRO-0 wall 45.9-47.3 / 38.6-39.8 s, first step 2.6-3.0 /
+0.54-0.63 s, steady median step 449-487 / 431-457 ms. The MoE layer alone (30 steps, 3 pairs):
+steady medians equal (82-93 / 78-91 ms), 1-3 steps over 110 ms in each run with huge pages and
+none without. A user who measures a gain on their machine sets THP_MEM_ALLOC_ENABLE=1; nothing
+here touches it.
 
 The cost: RSS stays near the run's peak instead of shrinking between steps (a trainer's
 working set is the same every step anyway). `SIGMA_MOE_MALLOPT=0` leaves malloc as it is; on a
