@@ -68,11 +68,15 @@ def main(argv: list[str] | None = None) -> int:
             scorer_nice=a.scorer_nice,
             bf16=a.bf16,
         )
+        print(f"{'':<18} {'pooled':>8} {'median':>8} {'wall':>8}  tokens/s (steps; wall)")
         for k, v in t["tokens_per_s"].items():
-            print(f"{k:<18} {v:8.0f} tokens/s (steps)  {t['tokens_per_s_wall'][k]:8.0f} (wall)")
+            med, wall = t["tokens_per_s_median"][k], t["tokens_per_s_wall"][k]
+            print(f"{k:<18} {v:8.0f} {med:8.0f} {wall:8.0f}")
+        print(f"{'ratio':<24} {'pooled':>7} {'median':>7}")
         for k, v in t.items():
             if k.startswith(("throughput_ratio_live", "throughput_ratio_inline")):
-                print(f"{k[len('throughput_ratio_') :]:<24} {v:.3f}")
+                med = t["ratios_of_medians"][k]
+                print(f"{k[len('throughput_ratio_') :]:<24} {v:7.3f} {med:7.3f}")
         if "bf16_vs_fp32_store" in t:
             print("bf16 vs fp32 store:", t["bf16_vs_fp32_store"])
         return 0

@@ -28,6 +28,7 @@ import argparse
 import html
 import json
 import os
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -483,8 +484,9 @@ def measure_throughput(
     load drifts into every variant alike. ``scorer_nice``: more live variants,
     ``live_scorer_nice<N>`` with ``rho1.scorer_nice=N`` (``live_scorer`` keeps the recipe's). ``bf16``: also
     ``live_scorer_bf16`` and ``inline_bf16`` (``rho1.reference_dtype=bf16``), and how far the
-    bf16 side process's store is from the fp32 one (``compare_stores``). Writes
-    ``out/rho1_throughput.json``."""
+    bf16 side process's store is from the fp32 one (``compare_stores``). Figures: pooled over the
+    runs (Σ tokens / Σ step time) and the median run's (``tokens_per_s_median``,
+    ``ratios_of_medians``). Writes ``out/rho1_throughput.json``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     args = argparse.Namespace(
@@ -527,9 +529,14 @@ def measure_throughput(
         "runs": runs,
         "tokens_per_s": {k: agg(k, "tokens_per_s") for k in runs},
         "tokens_per_s_wall": {k: agg(k, "tokens_per_s_wall") for k in runs},
+        # the median run of each variant: one slow run moves the pooled figure above, not this
+        "tokens_per_s_median": {
+            k: statistics.median(x["tokens_per_s"] for x in xs) for k, xs in runs.items()
+        },
         "prefill": fill,
     }
     res.update(_throughput_ratios(res["tokens_per_s"]))
+    res["ratios_of_medians"] = _throughput_ratios(res["tokens_per_s_median"])
     if bf16:
         res["bf16_vs_fp32_store"] = compare_stores(
             out / "store-live_scorer-0", out / "store-live_scorer_bf16-0", select_ratio
