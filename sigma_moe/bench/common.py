@@ -83,9 +83,8 @@ def rotated_rounds(names: Sequence[str], repeats: int) -> list[tuple[int, str]]:
     rotated by one (a, b, c / b, c, a / ...), so no candidate always runs first after the
     previous one's exit or last before the next's start (a fixed order left every ``none`` run of
     the eleventh pass's Rho-1 comparison first in its round)."""
-    names = list(names)
-    n = len(names) or 1
-    return [(r, names[(r + i) % n]) for r in range(repeats) for i in range(len(names))]
+    names, n = list(names), len(names)
+    return [(r, names[(r + i) % n]) for r in range(repeats) for i in range(n)]
 
 
 def time_side_by_side(

@@ -482,11 +482,11 @@ def measure_throughput(
     scored inline (the trainer's own threads score on demand) vs excess from a prefilled store,
     interleaved, each round's order rotated by one (``rotated_rounds``), so a shared machine's
     load drifts into every variant alike. ``scorer_nice``: more live variants,
-    ``live_scorer_nice<N>`` with ``rho1.scorer_nice=N`` (``live_scorer`` keeps the recipe's). ``bf16``: also
-    ``live_scorer_bf16`` and ``inline_bf16`` (``rho1.reference_dtype=bf16``), and how far the
-    bf16 side process's store is from the fp32 one (``compare_stores``). Figures: pooled over the
-    runs (Σ tokens / Σ step time) and the median run's (``tokens_per_s_median``,
-    ``ratios_of_medians``). Writes ``out/rho1_throughput.json``."""
+    ``live_scorer_nice<N>`` with ``rho1.scorer_nice=N`` (``live_scorer`` keeps the recipe's).
+    ``bf16``: also ``live_scorer_bf16`` and ``inline_bf16`` (``rho1.reference_dtype=bf16``),
+    and how far the bf16 side process's store is from the fp32 one (``compare_stores``).
+    Figures: pooled over the runs (Σ tokens / Σ step time) and the median run's
+    (``tokens_per_s_median``, ``ratios_of_medians``). Writes ``out/rho1_throughput.json``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     args = argparse.Namespace(
